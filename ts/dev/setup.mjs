@@ -1,0 +1,72 @@
+// Sets up whatever is missing for `npm start` / `npm test` on a fresh clone:
+// node modules (npm ci) and the Python environment (.venv with the sidecar
+// package installed from pyproject.toml). Idempotent and quick when nothing
+// changed: each part is keyed by a stamp of the files it was built from.
+//
+// Environment:
+//   NANOTUNE_PYTHON  an interpreter to use as is (your own CUDA torch, say);
+//                    no .venv is made and nothing is installed into it.
+//   NANOTUNE_TORCH   the pip requirement for torch in .venv
+//                    (default torch==2.13.0, the CPU wheel on our machines).
+//   NANOTUNE_BOOTSTRAP_PYTHON  the interpreter that creates .venv (default python3).
+import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { pythonExecutable, repoRoot } from "./python.mjs";
+
+const TORCH = process.env.NANOTUNE_TORCH ?? "torch==2.13.0";
+
+function run(cmd, args, what) {
+  console.error(`[setup] ${what}: ${cmd} ${args.join(" ")}`);
+  const r = spawnSync(cmd, args, { cwd: repoRoot, stdio: "inherit" });
+  if (r.status !== 0) {
+    console.error(`[setup] failed: ${what} (exit ${r.status ?? r.signal})`);
+    process.exit(r.status || 1);
+  }
+}
+
+function stampOf(files, extra = "") {
+  const h = createHash("sha256").update(extra);
+  for (const f of files) {
+    const p = join(repoRoot, f);
+    h.update(f).update(existsSync(p) ? readFileSync(p) : "");
+  }
+  return h.digest("hex");
+}
+
+function ensure(stampFile, stamp, build) {
+  const path = join(repoRoot, stampFile);
+  if (existsSync(path) && readFileSync(path, "utf8") === stamp) return;
+  build();
+  writeFileSync(path, stamp);
+}
+
+// Node modules. The stamp lives inside node_modules so deleting it resets it.
+ensure("node_modules/.nanotune-stamp", stampOf(["package.json", "package-lock.json"]), () =>
+  run("npm", existsSync(join(repoRoot, "package-lock.json")) ? ["ci"] : ["install"], "node modules"),
+);
+
+if (process.env.NANOTUNE_PYTHON) {
+  // Used as is: only check that it can run the sidecar.
+  const r = spawnSync(pythonExecutable(), ["-c", "import torch, transformers, zmq, msgpack"], {
+    stdio: "inherit",
+    env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
+  });
+  if (r.status !== 0) {
+    console.error(
+      `[setup] NANOTUNE_PYTHON=${process.env.NANOTUNE_PYTHON} cannot import torch, transformers, zmq and msgpack; ` +
+        `install them there (pip install -e .) or unset NANOTUNE_PYTHON to use .venv`,
+    );
+    process.exit(1);
+  }
+} else {
+  ensure(".venv/.nanotune-stamp", stampOf(["pyproject.toml"], TORCH), () => {
+    if (!existsSync(pythonExecutable())) {
+      run(process.env.NANOTUNE_BOOTSTRAP_PYTHON ?? "python3", ["-m", "venv", ".venv"], "python venv");
+    }
+    const pip = [ "-m", "pip", "install", "--disable-pip-version-check", "-q"];
+    run(pythonExecutable(), [...pip, TORCH], "torch");
+    run(pythonExecutable(), [...pip, "-e", ".[dev]"], "sidecar package");
+  });
+}
