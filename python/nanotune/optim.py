@@ -1,0 +1,735 @@
+"""NanoAdam: Adam on the smallest-magnitude weights of each tensor.
+
+From "Pay Attention to Small Weights" (Zhou, Jacobs, Gadhikar, Burkholz,
+NeurIPS 2025, arXiv 2506.21374); ../shared/PAPER.md is our spec. No official
+code is public, so every point where the paper is silent is a named choice
+below, switchable where users could want the other way.
+
+The class does bookkeeping (schedules, masks, state); the functional
+``nano_adam`` does the math, with a plain single-tensor reference path kept
+beside the ``foreach`` fast path (tests compare the two).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "CRITERIA",
+    "MOMENTS_ON_REFRESH",
+    "NanoAdam",
+    "nano_adam",
+    "nanoadam_param_groups",
+    "select_mask",
+]
+
+CRITERIA = ("small_weights", "large_weights", "random", "large_grads")
+MOMENTS_ON_REFRESH = ("carry", "reset")
+# Chunk rule (as MicroAdam's kernels): each tensor is flattened and split into
+# chunks of CHUNK_SIZE entries; the selection takes its share inside every chunk,
+# so the mask is spread over the whole tensor and selection stays on the device
+# in bounded memory. 2**15 keeps chunk-local offsets inside int16.
+CHUNK_SIZE = 2**15
+# How many chunks one selection pass handles at once (bounds the int64 key buffer).
+_CHUNKS_PER_PASS = 256
+
+
+# --------------------------------------------------------------------------- #
+# Parameter groups
+# --------------------------------------------------------------------------- #
+
+
+def nanoadam_param_groups(
+    model: nn.Module,
+    dense: Sequence[str] = ("lm_head", "norm"),
+    tied: str = "sparse",
+    frozen: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a sparse and a dense group.
+
+    ``dense`` are regular expressions searched in each parameter name; a match
+    puts the tensor in the dense group, updated by plain Adam (the paper
+    excludes the output head and all normalisation layers from selection;
+    embeddings are not excluded). ``frozen`` patterns leave a tensor out of the
+    optimizer altogether.
+
+    Note [tied tensors]: a tied tensor (Llama 3.2 ties ``lm_head.weight`` to
+    ``model.embed_tokens.weight``) is one tensor with several names and appears
+    once. ``tied="sparse"`` (default) keeps it sparse unless *every* name matches
+    a dense pattern: it is a pretrained embedding, not a freshly initialised
+    classifier head, and dense Adam state for a 128k x 3072 matrix would cost
+    more than all sparse state together. ``tied="dense"`` makes it dense as soon
+    as *any* name matches (the head rule wins).
+
+    Each group carries ``names`` (all names of each tensor joined by ``=``, the
+    first being the canonical one) so masks and per-tensor densities can be
+    addressed by name.
+    """
+    if tied not in ("sparse", "dense"):
+        raise ValueError(f"Invalid tied: {tied!r}; expected 'sparse' or 'dense'")
+    dense_res = [re.compile(p) for p in dense]
+    frozen_res = [re.compile(p) for p in frozen]
+    names_of: dict[int, list[str]] = {}
+    tensors: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        names_of.setdefault(id(p), []).append(name)
+        tensors[id(p)] = p
+    sparse_group: dict[str, Any] = {"params": [], "names": [], "sparse": True}
+    dense_group: dict[str, Any] = {"params": [], "names": [], "sparse": False}
+    for key, names in names_of.items():
+        if any(r.search(n) for r in frozen_res for n in names):
+            continue
+        hits = [any(r.search(n) for r in dense_res) for n in names]
+        is_dense = all(hits) if tied == "sparse" else any(hits)
+        group = dense_group if is_dense else sparse_group
+        group["params"].append(tensors[key])
+        group["names"].append("=".join(names))
+    return [g for g in (sparse_group, dense_group) if g["params"]]
+
+
+# --------------------------------------------------------------------------- #
+# Mask selection
+# --------------------------------------------------------------------------- #
+
+
+def _chunk_count(numel: int, density: float, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(start, length, k) per run of chunks with the same k: full chunks, then the tail.
+
+    k per chunk = round(density * length), at least 1, at most length (so a
+    selected tensor always trains; round half up)."""
+
+    def k_of(length: int) -> int:
+        return min(length, max(1, int(math.floor(density * length + 0.5))))
+
+    n_full, tail = divmod(numel, chunk_size)
+    runs = []
+    if n_full:
+        runs.append((0, n_full * chunk_size, k_of(chunk_size)))
+    if tail:
+        runs.append((n_full * chunk_size, tail, k_of(tail)))
+    return runs
+
+
+def selected_count(numel: int, density: float, chunk_size: int = CHUNK_SIZE) -> int:
+    """How many entries a tensor of ``numel`` entries selects at ``density``."""
+    return sum(
+        (length // min(length, chunk_size)) * k
+        for _, length, k in _chunk_count(numel, density, chunk_size)
+    )
+
+
+def _magnitude_bits(x: Tensor) -> Tensor:
+    # |x| as float32 bit patterns: for non-negative floats the int32 view is
+    # monotone in the value, and exact for bf16/fp16/fp32 inputs.
+    return x.detach().abs().to(torch.float32).view(torch.int32).to(torch.int64)
+
+
+@torch.no_grad()
+def select_mask(
+    param: Tensor,
+    density: float,
+    criterion: str = "small_weights",
+    grad: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Tensor:
+    """Indices (int32, flat, ascending) of the entries of ``param`` to update.
+
+    Per chunk of ``chunk_size`` entries, takes k = round(density * chunk length):
+    ``small_weights`` the k smallest |w| (the paper's rule), ``large_weights``
+    the k largest |w|, ``large_grads`` the k largest |grad|, ``random`` k
+    uniformly at random (from ``generator``).
+
+    Ties are broken by position: the lower flat index wins. Selection runs on
+    exact int64 keys (|value| bits << 32 | offset), so the result is the same on
+    every device and for every run, also for bf16 weights where equal
+    magnitudes are common.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"Invalid criterion: {criterion!r}; expected one of {CRITERIA}")
+    if criterion == "large_grads" and grad is None:
+        raise ValueError("criterion 'large_grads' needs the gradient: call after backward()")
+    numel = param.numel()
+    if numel >= 2**31:
+        raise ValueError(f"tensor of {numel} entries is too large for int32 mask indices")
+    source = grad if criterion == "large_grads" else param
+    flat = source.detach().reshape(-1)
+    out = []
+    for start, length, k in _chunk_count(numel, density, chunk_size):
+        width = min(length, chunk_size)
+        rows = length // width
+        for r0 in range(0, rows, _CHUNKS_PER_PASS):
+            r1 = min(rows, r0 + _CHUNKS_PER_PASS)
+            block = flat[start + r0 * width : start + r1 * width].view(r1 - r0, width)
+            offsets = torch.arange(width, device=flat.device, dtype=torch.int64)
+            if criterion == "random":
+                keys = torch.rand(block.shape, generator=generator, device="cpu").to(block.device)
+                local = keys.topk(k, dim=1, sorted=False).indices
+            elif criterion == "small_weights":
+                keys = (_magnitude_bits(block) << 32) | offsets
+                local = keys.topk(k, dim=1, largest=False, sorted=False).indices
+            else:  # large_weights, large_grads: larger value wins, then lower offset
+                keys = (_magnitude_bits(block) << 32) | (width - 1 - offsets)
+                local = keys.topk(k, dim=1, largest=True, sorted=False).indices
+            local = local.sort(dim=1).values
+            base = start + torch.arange(r0, r1, device=flat.device, dtype=torch.int64) * width
+            out.append((local + base[:, None]).reshape(-1).to(torch.int32))
+    return torch.cat(out)
+
+
+def _remap(old_idx: Tensor, new_idx: Tensor, values: Tensor) -> Tensor:
+    """Values at ``new_idx``: carried from ``old_idx`` where an index stays, zero where new."""
+    out = torch.zeros(new_idx.numel(), dtype=values.dtype, device=values.device)
+    if old_idx.numel() == 0:
+        return out
+    pos = torch.searchsorted(old_idx, new_idx).clamp_(max=old_idx.numel() - 1)
+    stays = old_idx[pos] == new_idx
+    out[stays] = values[pos[stays]]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# The math
+# --------------------------------------------------------------------------- #
+
+
+def nano_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    idxs: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    foreach: bool = False,
+) -> None:
+    """One NanoAdam step over tensors.
+
+    ``grads[i]`` is the gradient at ``idxs[i]`` (already gathered, fp32) or the
+    dense gradient when ``idxs[i]`` is None (a dense-group tensor). Moments are
+    kept in their own dtype and computed in fp32. ``steps`` are already
+    incremented. Only ``params[i].view(-1)[idxs[i]]`` is written: every other
+    entry stays bit-identical.
+    """
+    fn = _foreach_nano_adam if foreach else _single_tensor_nano_adam
+    fn(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, lr=lr, beta1=beta1, beta2=beta2,
+       eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+
+
+def _gather_param(p: Tensor, idx: Tensor | None) -> Tensor:
+    # fp32 working copy of the entries to update.
+    flat = p.detach().view(-1)
+    return (flat if idx is None else flat[idx]).to(torch.float32, copy=True)
+
+
+def _scatter_param(p: Tensor, idx: Tensor | None, value: Tensor) -> None:
+    flat = p.detach().view(-1)
+    if idx is None:
+        flat.copy_(value)
+    else:
+        flat[idx] = value.to(p.dtype)
+
+
+def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float, bias_correction: bool):
+    if not bias_correction:
+        return lr, 1.0
+    t = float(step)
+    return lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
+
+
+def _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1,
+                             beta2, eps, weight_decay, bias_correction):
+    # Reference path: plain per-tensor Adam on the selected entries, in the
+    # operation order of torch.optim.Adam (so density=1 matches it bit for bit).
+    for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
+        g = g.reshape(-1).to(torch.float32)
+        m32 = m if m.dtype == torch.float32 else m.to(torch.float32)
+        v32 = v if v.dtype == torch.float32 else v.to(torch.float32)
+        m32.lerp_(g, 1 - beta1)
+        v32.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size, bc2_sqrt = _step_scalars(step, lr, beta1, beta2, bias_correction)
+        denom = (v32.sqrt() / bc2_sqrt).add_(eps)
+        theta = _gather_param(p, idx)
+        if weight_decay:
+            theta.mul_(1 - lr * weight_decay)  # decoupled (AdamW-style), selected entries only
+        theta.addcdiv_(m32, denom, value=-step_size)
+        _scatter_param(p, idx, theta)
+        if m32 is not m:
+            m.copy_(m32)
+            v.copy_(v32)
+
+
+def _foreach_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1, beta2,
+                       eps, weight_decay, bias_correction):
+    # Fast path: the same math with torch._foreach_* kernels over all tensors at
+    # once (one launch per op on CUDA instead of one per tensor).
+    if not params:
+        return
+    gs = [g.reshape(-1).to(torch.float32) for g in grads]
+    ms = [m if m.dtype == torch.float32 else m.to(torch.float32) for m in exp_avgs]
+    vs = [v if v.dtype == torch.float32 else v.to(torch.float32) for v in exp_avg_sqs]
+    torch._foreach_lerp_(ms, gs, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+    scalars = [_step_scalars(s, lr, beta1, beta2, bias_correction) for s in steps]
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, [b for _, b in scalars])
+    torch._foreach_add_(denoms, eps)
+    thetas = [_gather_param(p, idx) for p, idx in zip(params, idxs)]
+    if weight_decay:
+        torch._foreach_mul_(thetas, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(thetas, ms, denoms, [-s for s, _ in scalars])
+    for p, idx, theta in zip(params, idxs, thetas):
+        _scatter_param(p, idx, theta)
+    for m, v, m32, v32 in zip(exp_avgs, exp_avg_sqs, ms, vs):
+        if m32 is not m:
+            m.copy_(m32)
+            v.copy_(v32)
+
+
+# --------------------------------------------------------------------------- #
+# The optimizer
+# --------------------------------------------------------------------------- #
+
+
+class NanoAdam(Optimizer):
+    r"""Adam restricted to a refreshed mask of small-magnitude weights.
+
+    Algorithm 1 of the paper, for each optimizer step t = 0, 1, ... and each
+    tensor :math:`\theta` of a sparse group (S entries):
+
+    .. math::
+        &\textbf{if } d \text{ set and } t \bmod d = 0:\;
+            k \leftarrow k_0 + (k_f - k_0)\min(1, \lfloor t/d \rfloor d / T) \\
+        &\textbf{if } t \bmod m = 0 \text{ or } k \text{ changed}:\;
+            I \leftarrow \text{bottom-}k \text{ of } |\theta_t| \text{ per chunk} \\
+        &g \leftarrow \nabla_\theta \mathcal{L}(\theta_t)[I] \\
+        &m \leftarrow \beta_1 m + (1-\beta_1) g,\quad
+         v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        &\theta[I] \leftarrow \theta[I] - \eta_t\, m / (\sqrt{v} + \epsilon)
+    and every other entry of :math:`\theta` stays bit-identical. Tensors of a
+    dense group (``sparse=False``, from :func:`nanoadam_param_groups`: the head
+    and the norms) get plain Adam with the same settings.
+
+    Args:
+        params: tensors or param groups; a group with ``sparse=False`` is dense,
+            a group's ``names`` (list of str) names its tensors in :meth:`masks`.
+        lr (float, default 1e-3): learning rate :math:`\eta`; set it per step.
+        betas (tuple, default (0.9, 0.999)): :math:`\beta_1, \beta_2`.
+        eps (float, default 1e-8): added to :math:`\sqrt{v}`.
+        weight_decay (float, default 0): decoupled (AdamW-style) decay, applied to
+            the selected entries only. 0 as in every experiment of the paper.
+        density (float, default 0.01): :math:`k_0`, fraction of each tensor updated.
+        mask_interval (int or None, default 100): m, refresh the mask every m
+            steps. None: refresh only at the first step, on a density change and
+            when :meth:`refresh_mask` asks (a controller decides when).
+        density_interval (int or None, default None): d, change the density every
+            d steps along the linear decay; None turns the schedule off.
+        final_density (float or None): :math:`k_f`, target of the linear decay.
+        total_steps (int or None): T, the step at which the decay reaches k_f.
+        criterion (str, default "small_weights"): which entries a refresh picks;
+            "large_weights", "random" and "large_grads" serve as ablations.
+        moments_on_refresh (str, default "carry"): see Note [moments on mask refresh].
+        bias_correction (bool, default False): Adam's bias correction; off as in
+            Algorithm 1. It counts the tensor's steps, not each entry's.
+        moments_dtype (torch.dtype or None, default None): dtype of the sparse
+            moments; None is float32, torch.bfloat16 halves them (the paper's).
+        chunk_size (int, default 2**15): see CHUNK_SIZE.
+        foreach (bool or None, default None): use the foreach fast path; None
+            picks it on CUDA.
+        sparse_gradients (bool, default False): see Note [sparse gradients].
+        seed (int, default 0): seeds the "random" criterion (per tensor and step,
+            so a resumed run draws the same masks).
+
+    Note [moments on mask refresh]: the paper does not say what happens to the
+    Adam moments when the mask changes. Default ``"carry"``: an index that stays
+    selected keeps its m and v, a newly selected index starts at zero, a dropped
+    one is forgotten (its state is not stored). ``"reset"`` zeroes all moments at
+    every refresh.
+
+    Note [sparse gradients]: with ``sparse_gradients=True`` each sparse tensor's
+    gradient is gathered at its mask as soon as backward has accumulated it
+    (``register_post_accumulate_grad_hook``) and the dense gradient is freed, so
+    full gradients never all exist at once; gradient accumulation adds up only
+    the k gathered entries. The update is the same as in the dense path. On a
+    step that refreshes with ``large_grads`` the dense gradient is kept until
+    :meth:`step` (it is what the criterion reads). Call :meth:`refresh_mask`
+    with ``now=False`` in this mode so the refresh happens before backward.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        density: float = 0.01,
+        mask_interval: int | None = 100,
+        density_interval: int | None = None,
+        final_density: float | None = None,
+        total_steps: int | None = None,
+        criterion: str = "small_weights",
+        moments_on_refresh: str = "carry",
+        bias_correction: bool = False,
+        moments_dtype: torch.dtype | None = None,
+        chunk_size: int = CHUNK_SIZE,
+        foreach: bool | None = None,
+        sparse_gradients: bool = False,
+        seed: int = 0,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid lr: {lr}; must be >= 0")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid betas[0]: {betas[0]}; must be in [0, 1)")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid betas[1]: {betas[1]}; must be in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps: {eps}; must be >= 0")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}; must be >= 0")
+        _check_density("density", density)
+        if mask_interval is not None and not (isinstance(mask_interval, int) and mask_interval >= 1):
+            raise ValueError(f"Invalid mask_interval: {mask_interval}; must be an int >= 1 or None")
+        if density_interval is not None:
+            if not (isinstance(density_interval, int) and density_interval >= 1):
+                raise ValueError(f"Invalid density_interval: {density_interval}; must be an int >= 1 or None")
+            if final_density is None:
+                raise ValueError("Invalid final_density: None; density_interval needs final_density")
+            if total_steps is None:
+                raise ValueError("Invalid total_steps: None; density_interval needs total_steps")
+        if final_density is not None:
+            _check_density("final_density", final_density)
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"Invalid total_steps: {total_steps}; must be an int >= 1")
+        if criterion not in CRITERIA:
+            raise ValueError(f"Invalid criterion: {criterion!r}; expected one of {CRITERIA}")
+        if moments_on_refresh not in MOMENTS_ON_REFRESH:
+            raise ValueError(
+                f"Invalid moments_on_refresh: {moments_on_refresh!r}; expected one of {MOMENTS_ON_REFRESH}"
+            )
+        if moments_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Invalid moments_dtype: {moments_dtype}; expected None, float32, bfloat16 or float16")
+        if not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"Invalid chunk_size: {chunk_size}; must be an int >= 1")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
+            mask_interval=mask_interval, density_interval=density_interval,
+            final_density=final_density, total_steps=total_steps, criterion=criterion,
+            moments_on_refresh=moments_on_refresh, bias_correction=bias_correction,
+            moments_dtype=moments_dtype, chunk_size=chunk_size, foreach=foreach, sparse=True,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+        self.sparse_gradients = sparse_gradients
+        # Gradients gathered at the mask in sparse-gradient mode, per tensor (fp32, (k,)).
+        # Not optimizer state: consumed by step(), never saved.
+        self._sparse_grads: dict[Tensor, Tensor] = {}
+        self._hooks = []
+        # Whether the last step() refreshed any mask (read by the trainer for its events).
+        self.last_step_refreshed = False
+        if sparse_gradients:
+            for group in self.param_groups:
+                if group["sparse"]:
+                    for p in group["params"]:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_hook))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before an option existed
+            group.setdefault("sparse", True)
+            group.setdefault("seed", 0)
+            group.setdefault("foreach", None)
+            group.setdefault("moments_dtype", None)
+
+    # ------------------------------------------------------------------ schedule
+
+    @staticmethod
+    def scheduled_density(group: Mapping[str, Any], t: int) -> float:
+        """The density Algorithm 1 uses at step ``t``: k0, or the linear decay
+        toward ``final_density``, changed every ``density_interval`` steps."""
+        d = group["density_interval"]
+        if d is None:
+            return group["density"]
+        k0, kf, T = group["density"], group["final_density"], group["total_steps"]
+        return k0 + (kf - k0) * min(1.0, (t // d) * d / T)
+
+    def _density_for(self, group: Mapping[str, Any], state: Mapping[str, Any], t: int) -> float:
+        override = state.get("density_override")
+        return override if override is not None else self.scheduled_density(group, t)
+
+    def _refresh_due(self, group, state, t: int) -> bool:
+        if "idx" not in state or state.get("refresh_requested", False):
+            return True
+        m = group["mask_interval"]
+        if m is not None and t % m == 0:
+            return True
+        return self._density_for(group, state, t) != state["density"]
+
+    # ------------------------------------------------------------------ masks
+
+    def _names(self, group) -> list[str]:
+        names = group.get("names")
+        if names is None:
+            start = self._param_offset(group)
+            names = [f"param{start + i}" for i in range(len(group["params"]))]
+        return names
+
+    def _generator(self, group, p_index: int, t: int) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed((group["seed"] * 1_000_003 + p_index) * 1_000_033 + t)
+        return g
+
+    @torch.no_grad()
+    def _refresh(self, group, p: Tensor, p_index: int, t: int, grad: Tensor | None) -> None:
+        state = self.state[p]
+        density = self._density_for(group, state, t)
+        criterion = group["criterion"]
+        gen = self._generator(group, p_index, t) if criterion == "random" else None
+        new_idx = select_mask(p, density, criterion, grad=grad, generator=gen,
+                              chunk_size=group["chunk_size"])
+        mdtype = group["moments_dtype"] or torch.float32
+        if "idx" in state and group["moments_on_refresh"] == "carry":
+            state["exp_avg"] = _remap(state["idx"], new_idx, state["exp_avg"])
+            state["exp_avg_sq"] = _remap(state["idx"], new_idx, state["exp_avg_sq"])
+        else:
+            state["exp_avg"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
+        state["idx"] = new_idx
+        state["density"] = density
+        state["refreshed_at"] = t
+        state["refresh_requested"] = False
+
+    def _init_state(self, group, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            # step: optimizer steps this tensor took (drives the schedule and bias correction).
+            state["step"] = torch.tensor(0.0)
+            if not group["sparse"]:
+                mdtype = group["moments_dtype"] or torch.float32
+                # exp_avg, exp_avg_sq: dense Adam moments, same shape as p (moments_dtype).
+                state["exp_avg"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.preserve_format)
+            # Sparse tensors get, at their first refresh:
+            #   idx: int32 (k,) ascending flat indices of the mask;
+            #   exp_avg, exp_avg_sq: (k,) moments of the selected entries (moments_dtype);
+            #   density: the density the mask was chosen at; refreshed_at: its step.
+        return state
+
+    @torch.no_grad()
+    def refresh_mask(
+        self,
+        density: float | Mapping[str, float] | None = None,
+        criterion: str | None = None,
+        *,
+        now: bool = True,
+    ) -> None:
+        """Refresh every sparse tensor's mask, for an external controller.
+
+        ``density``: a float sets every sparse group's density (the schedule,
+        if on, takes over again at its next density step); a mapping of regular
+        expressions to densities sets per-tensor densities (first matching
+        pattern wins, searched in the tensor's names; unmatched tensors follow
+        the group). ``criterion`` sets every sparse group's criterion. Both
+        persist for later refreshes.
+
+        ``now=True`` selects at once from the current weights (and ``.grad`` for
+        ``large_grads``); ``now=False`` marks the masks to be refreshed at the
+        start of the next step, which is what sparse-gradient mode needs.
+        """
+        if criterion is not None and criterion not in CRITERIA:
+            raise ValueError(f"Invalid criterion: {criterion!r}; expected one of {CRITERIA}")
+        per_tensor: list[tuple[re.Pattern, float]] = []
+        if isinstance(density, Mapping):
+            for pattern, value in density.items():
+                _check_density(f"density[{pattern!r}]", value)
+                per_tensor.append((re.compile(pattern), value))
+        elif density is not None:
+            _check_density("density", density)
+        if now and self.sparse_gradients and self._sparse_grads:
+            raise ValueError("refresh_mask(now=True) after backward in sparse-gradient mode would drop "
+                             "gathered gradients; call it before backward or with now=False")
+        for group in self.param_groups:
+            if not group["sparse"]:
+                continue
+            if criterion is not None:
+                group["criterion"] = criterion
+            if density is not None and not per_tensor:
+                group["density"] = density
+            offset = self._param_offset(group)
+            for i, (p, name) in enumerate(zip(group["params"], self._names(group))):
+                state = self._init_state(group, p)
+                if per_tensor:
+                    state["density_override"] = next(
+                        (v for r, v in per_tensor if any(r.search(n) for n in name.split("="))), None)
+                elif density is not None:
+                    state["density_override"] = None
+                if now:
+                    if group["criterion"] == "large_grads" and p.grad is None:
+                        raise ValueError(f"criterion 'large_grads' needs gradients: {name} has none "
+                                         "(call after backward())")
+                    self._refresh(group, p, offset + i, int(state["step"]), p.grad)
+                else:
+                    state["refresh_requested"] = True
+
+    def masks(self) -> dict[str, Tensor]:
+        """Current mask of each sparse tensor by its canonical name: int32 flat indices."""
+        out = {}
+        for group in self.param_groups:
+            if group["sparse"]:
+                for p, name in zip(group["params"], self._names(group)):
+                    idx = self.state[p].get("idx")
+                    if idx is not None:
+                        out[name.split("=")[0]] = idx
+        return out
+
+    @property
+    def current_density(self) -> float | None:
+        """Density of the first sparse tensor's current mask (None before the first step)."""
+        for group in self.param_groups:
+            if group["sparse"]:
+                for p in group["params"]:
+                    if "density" in self.state[p]:
+                        return self.state[p]["density"]
+        return None
+
+    def state_bytes(self, which: str = "all") -> int:
+        """Bytes of optimizer state: ``"sparse"`` groups, ``"dense"`` groups or ``"all"``."""
+        if which not in ("all", "sparse", "dense"):
+            raise ValueError(f"Invalid which: {which!r}; expected 'all', 'sparse' or 'dense'")
+        total = 0
+        for group in self.param_groups:
+            if which != "all" and group["sparse"] != (which == "sparse"):
+                continue
+            for p in group["params"]:
+                for v in self.state[p].values():
+                    if torch.is_tensor(v):
+                        total += v.numel() * v.element_size()
+        return total
+
+    def _param_offset(self, group) -> int:
+        offset = 0
+        for g in self.param_groups:
+            if g is group:
+                return offset
+            offset += len(g["params"])
+        raise AssertionError("group not in param_groups")
+
+    # ------------------------------------------------------------------ sparse gradients
+
+    @torch.no_grad()
+    def _gather_hook(self, p: Tensor) -> None:
+        # Groups are looked up each time: load_state_dict replaces the group dicts.
+        offset = 0
+        for group in self.param_groups:
+            i = next((j for j, q in enumerate(group["params"]) if q is p), None)
+            if i is not None:
+                break
+            offset += len(group["params"])
+        state = self._init_state(group, p)
+        t = int(state["step"])
+        if p not in self._sparse_grads and self._refresh_due(group, state, t) \
+                and state.get("refreshed_at") != t:
+            if group["criterion"] == "large_grads":
+                return  # keep the dense gradient: step() selects from it
+            self._refresh(group, p, offset + i, t, None)
+        if p.grad is None:
+            return
+        g = p.grad.view(-1)[state["idx"]].to(torch.float32)
+        acc = self._sparse_grads.get(p)
+        self._sparse_grads[p] = g if acc is None else acc.add_(g)
+        p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._sparse_grads.clear()
+        super().zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        refreshed = False
+        for group in self.param_groups:
+            params, grads, ms, vs, idxs, steps = [], [], [], [], [], []
+            offset = self._param_offset(group)
+            for i, p in enumerate(group["params"]):
+                # In sparse-gradient mode the hook left the gathered gradient here and
+                # p.grad is None, except on a large_grads refresh step (dense kept).
+                sparse_grad = self._sparse_grads.pop(p, None)
+                if p.grad is None and sparse_grad is None:
+                    continue
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("NanoAdam does not support torch sparse gradients")
+                state = self._init_state(group, p)
+                if group["sparse"]:
+                    t = int(state["step"])
+                    if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
+                        self._refresh(group, p, offset + i, t, p.grad)
+                    refreshed = refreshed or state["refreshed_at"] == t
+                    g = sparse_grad if sparse_grad is not None else p.grad.view(-1)[state["idx"]]
+                    idxs.append(state["idx"])
+                else:
+                    g = p.grad
+                    idxs.append(None)
+                if sparse_grad is not None or (self.sparse_gradients and group["sparse"]):
+                    p.grad = None  # sparse-gradient mode never keeps a dense gradient
+                state["step"] += 1
+                params.append(p)
+                grads.append(g)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = params[0].is_cuda
+            beta1, beta2 = group["betas"]
+            nano_adam(params, grads, ms, vs, idxs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                      eps=group["eps"], weight_decay=group["weight_decay"],
+                      bias_correction=group["bias_correction"], foreach=foreach)
+        self.last_step_refreshed = refreshed
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every floating state tensor, and int ones too, to the
+        # parameter's dtype on load (an int32 index beyond 2**24 would not
+        # survive float32). Ours keep their saved dtypes: they are set aside,
+        # the rest loads as usual, then they come back on the parameter's device.
+        kept: dict[Any, dict[str, Tensor]] = {}
+        stripped = {}
+        for key, st in state_dict["state"].items():
+            kept[key] = {k: v for k, v in st.items() if torch.is_tensor(v) and k != "step"}
+            stripped[key] = {k: v for k, v in st.items() if k not in kept[key]}
+        super().load_state_dict({**state_dict, "state": stripped})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for k, v in kept.get(saved_id, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+
+
+def _check_density(name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f"Invalid {name}: {value}; must be in (0, 1]")
