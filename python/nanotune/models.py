@@ -1,0 +1,309 @@
+"""Loading causal LMs for the sidecar: a local Hugging Face directory, or a preset
+built offline (random init + a byte-level BPE tokenizer trained on a built-in
+corpus) and cached on disk.
+
+    lm = load_model("tiny-llama")            # or "/models/Llama-3.2-3B"
+    lm.model, lm.tokenizer, lm.device, lm.dtype, lm.info
+
+Presets are built once into $NANOTUNE_CACHE (default ~/.cache/nanotune) as a
+normal HF directory, so they load through the same code path as real models.
+The build is deterministic: the same preset, seed and library versions give the
+same files byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LoadedModel", "ModelError", "PRESETS", "load_model", "build_preset", "cache_dir", "model_info",
+           "resolve_device", "resolve_dtype"]
+
+
+class ModelError(ValueError):
+    """A model could not be loaded; `path` names the directory or preset that was wrong."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers *ForCausalLM, on `device`, in `dtype`
+    tokenizer: Any  # a transformers fast tokenizer with bos/eos/pad set
+    device: torch.device
+    dtype: torch.dtype
+    path: str  # the HF directory it was loaded from (the cache dir for presets)
+    info: dict[str, Any] = field(default_factory=dict)  # see model_info()
+
+
+# ---------------------------------------------------------------------------
+# Presets. Shapes follow Llama 3.2 in miniature: GQA (2 query heads per kv head),
+# SwiGLU MLP, tied embeddings, RoPE. Bump `version` whenever a build changes so
+# old caches are not reused.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.1M params: tests and the demo; builds in about a second.
+    "tiny-llama": dict(version=1, vocab_size=512, hidden_size=64, intermediate_size=176,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024),
+    # ~29M params: the controller-overhead benchmark's "~30M model". The tokenizer
+    # corpus runs out of merges before 8192, so the top embedding rows are never
+    # produced by the tokenizer (like the padded vocabularies of real models).
+    "small-llama": dict(version=1, vocab_size=8192, hidden_size=512, intermediate_size=1536,
+                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                        max_position_embeddings=2048),
+}
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2 (bos, eos, pad)
+
+# A minimal chat template: role markers as plain text, every turn ends with eos so
+# a chat finetune learns to stop. Rendering messages[:i] is a prefix of rendering
+# messages[:i+1], which data.py relies on to find the assistant tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """$NANOTUNE_CACHE if set, else ~/.cache/nanotune."""
+    env = os.environ.get("NANOTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nanotune"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" means cuda when available, else cpu; anything else is checked as given."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelError(f"device: {device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device: {device!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
+    return dev
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None means bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ModelError(f"dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
+
+
+# ---------------------------------------------------------------------------
+# The built-in tokenizer corpus. Generated, not shipped: a few thousand short
+# English lines covering what the demo and tests feed the model (prose, numbers,
+# the Alpaca prompt headers, chat role markers, commonsense answer phrases), so
+# the BPE merges are useful and the model sees short sequences.
+_NOUNS = ("cat dog bird fish horse cow tree river mountain city house car train book letter garden apple "
+          "bread water coffee teacher student doctor child friend farmer window door table chair road "
+          "sun moon star rain snow wind fire stone ship island forest field market school music song "
+          "number answer question story game ball box cup key map").split()
+_VERBS = ("sees finds likes takes makes gives reads writes holds opens closes carries builds paints "
+          "follows watches helps calls moves keeps brings wants needs").split()
+_ADJS = ("big small red blue green old new happy quiet fast slow warm cold bright dark tall short "
+         "heavy light good bad early late").split()
+_PLACES = ("in the garden", "near the river", "at the market", "on the hill", "by the window",
+           "under the tree", "in the city", "at school", "on the road", "in the forest")
+_TASK_WORDS = ("### Instruction:", "### Input:", "### Response:", "Below is an instruction that describes a task.",
+               "Write a response that appropriately completes the request.",
+               "Please choose the correct answer to the question.", "the correct answer is",
+               "option1", "option2", "answer1", "answer2", "answer3", "answer4", "answer5",
+               "solution1", "solution2", "ending1", "ending2", "ending3", "ending4", "true", "false",
+               "<|system|>", "<|user|>", "<|assistant|>")
+
+
+def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    out: list[str] = list(_TASK_WORDS)
+    for i in range(lines):
+        kind = i % 5
+        if kind == 0:  # simple prose
+            out.append(f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the "
+                       f"{rng.choice(_NOUNS)} {rng.choice(_PLACES)}.")
+        elif kind == 1:  # arithmetic and digits
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            out.append(f"What is {a} plus {b}? {a} + {b} = {a + b}. {a} - {b} = {a - b}.")
+        elif kind == 2:  # questions and answers
+            n = rng.choice(_NOUNS)
+            out.append(f"Question: Where is the {n}? Answer: The {n} is {rng.choice(_PLACES)}.")
+        elif kind == 3:  # instruction-style prompt fragments
+            w = rng.choice(_TASK_WORDS[:6])
+            out.append(f"{w}\nDescribe the {rng.choice(_ADJS)} {rng.choice(_NOUNS)} in one sentence.")
+        else:  # chat-style turns
+            out.append(f"<|user|>\nTell me about the {rng.choice(_NOUNS)}.\n<|assistant|>\n"
+                       f"It is {rng.choice(_ADJS)} and it {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}.")
+    return out
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    # Like Llama: encoding a text adds bos in front; eos is added by whoever builds examples.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=1 << 20)
+
+
+def build_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Builds preset `name` into `out_dir` (a HF directory). Deterministic in (name, seed);
+    the seed changes the initial weights only, never the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}", name)
+    spec = dict(PRESETS[name])
+    spec.pop("version")
+    out = Path(out_dir)
+    tokenizer = _build_tokenizer(spec["vocab_size"])  # the same for every seed
+    assert len(tokenizer) <= spec["vocab_size"], (len(tokenizer), spec["vocab_size"])
+    config = LlamaConfig(**spec, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):  # never disturb the caller's RNG
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "nanotune_preset.json").write_text(json.dumps({"preset": name, "seed": seed, **PRESETS[name]}) + "\n")
+    return out
+
+
+def _preset_dir(name: str, seed: int) -> Path:
+    """The cached HF directory for a preset, built on first use. Safe when several
+    processes race: each builds into its own temp dir and the first rename wins."""
+    version = PRESETS[name]["version"]
+    final = cache_dir() / (f"{name}-v{version}" + (f"-seed{seed}" if seed else ""))
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build_preset(name, tmp, seed)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"model path {str(path)!r} does not exist (and is not a preset: {sorted(PRESETS)})", path)
+    if not path.is_dir():
+        raise ModelError(f"model path {str(path)!r} is not a directory; give a Hugging Face model directory", path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {str(path)!r} has no config.json", path)
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") or n.endswith(".bin") for n in names):
+        raise ModelError(f"model directory {str(path)!r} has no weights (*.safetensors)", path)
+    if not any(n in names for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json)", path)
+
+
+def model_info(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter counts, tied tensors (groups of names sharing one tensor, e.g.
+    [["model.embed_tokens.weight", "lm_head.weight"]]) and memory in bytes."""
+    by_tensor: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    total = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    return {
+        "parameters": total,  # unique tensors: a tied pair counts once
+        "trainable_parameters": trainable,
+        "tied": [names for names in by_tensor.values() if len(names) > 1],
+        "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+    }
+
+
+def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "auto", gradient_checkpointing: bool = False,
+               seed: int = 0) -> LoadedModel:
+    """Loads a causal LM and its tokenizer.
+
+    path_or_preset: a local HF directory (config.json, *.safetensors, tokenizer
+        files; nothing is downloaded) or a preset name from PRESETS.
+    dtype: None (default) = bf16 on CUDA, fp32 on CPU; or "bf16"/"fp16"/"fp32"/a torch.dtype.
+    device: "auto" (default) = cuda if available, else cpu; or "cpu", "cuda:1", ...
+    gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
+    seed: the init seed of a preset (0, the default, is the shared cached build); unused for directories.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the sidecar's stderr is a log, not a terminal
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name = str(path_or_preset)
+    preset = name if name in PRESETS else None
+    path = _preset_dir(name, seed) if preset else Path(name).expanduser()
+    _check_hf_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dt)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"could not load model directory {str(path)!r}: {e}", path) from e
+    if tokenizer.pad_token is None:  # Llama 3 ships without one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev)
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    model.train()
+    info = {
+        **model_info(model),
+        "source": preset or str(path),
+        "path": str(path),
+        "model_type": model.config.model_type,
+        "num_layers": getattr(model.config, "num_hidden_layers", None),
+        "hidden_size": getattr(model.config, "hidden_size", None),
+        "vocab_size": model.config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "dtype": str(dt).removeprefix("torch."),
+        "device": str(dev),
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a private preset cache for the whole session, the tiny-llama
+preset built once into it, and small helpers to write data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nanotune_cache(tmp_path_factory) -> Path:
+    """Every test (and every sidecar a test spawns, which inherits the environment)
+    builds presets into this session's temp dir, never into ~/.cache."""
+    path = tmp_path_factory.mktemp("nanotune-cache")
+    old = os.environ.get("NANOTUNE_CACHE")
+    os.environ["NANOTUNE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NANOTUNE_CACHE", None)
+    else:
+        os.environ["NANOTUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(nanotune_cache) -> Path:
+    """The tiny-llama preset's HF directory, built once per session."""
+    from nanotune.models import load_model
+
+    return Path(load_model("tiny-llama", device="cpu").path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from nanotune.models import load_model
+
+    return load_model("tiny-llama", device="cpu").tokenizer
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """A fresh tiny-llama (fp32, CPU) per test, so tests may train it."""
+    from nanotune.models import load_model
+
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(rows, name="data.jsonl") -> path; a row that is a str is written verbatim."""
+
+    def write(rows, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return path
+
+    return write
