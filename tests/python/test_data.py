@@ -83,8 +83,9 @@ def test_cutoff_truncates_and_drops_rows_without_targets(tiny_tokenizer, write_j
         load_dataset(write_jsonl(rows), tiny_tokenizer, format="text")  # (the text row is first)
     data = load_dataset(write_jsonl(rows[:1]), tiny_tokenizer, cutoff=16)
     assert len(data.train.input_ids[0]) == 16 and data.info["train"]["truncated"] == 1
-    data = load_dataset(write_jsonl([rows[1], ALPACA[0]]), tiny_tokenizer, cutoff=32)
+    data = load_dataset(write_jsonl([rows[1], ALPACA[0]]), tiny_tokenizer, cutoff=100)
     assert data.info["train"]["dropped"] == 1 and len(data.train) == 1 and data.train.lines == [2]
+    assert data.info["train"]["truncated"] == 1  # the dropped row was cut first
     with pytest.raises(DatasetError, match="no example has a response token left after cutoff=32"):
         load_dataset(write_jsonl(rows[1:]), tiny_tokenizer, cutoff=32)
 
