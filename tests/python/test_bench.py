@@ -1,0 +1,27 @@
+"""The benchmark scripts run (briefly) so they never rot; their figures are read, not asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_bench_small_runs_on_cpu_and_prints_the_table(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--small", "--device", "cpu", "--steps", "1",
+         "--warmup", "1", "--seq", "32", "--variants", "adamw,nanoadam,nanoadam-sparse,adamw8bit",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "nanoadam-sparse / adamw: peak memory" in r.stdout
+    rows = {row["variant"]: row for row in json.loads(out.read_text())}
+    assert rows["adamw8bit"]["error"] == "RuntimeError: needs CUDA"
+    for name in ("adamw", "nanoadam", "nanoadam-sparse"):
+        assert rows[name]["step_s"] > 0 and rows[name]["peak_bytes"] > 0
+    # NanoAdam keeps state for ~10% of the sparse entries only.
+    assert rows["nanoadam"]["state_bytes"] < 0.25 * rows["adamw"]["state_bytes"]
+    assert rows["nanoadam-sparse"]["state_bytes"] == rows["nanoadam"]["state_bytes"]
