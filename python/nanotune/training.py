@@ -1,0 +1,202 @@
+"""One optimizer step, evaluation and generation: the compute the sidecar's
+train_step / evaluate / generate methods wrap. The loop itself lives in TS.
+
+Note [loss over accumulated micro-batches]: a step's loss is the mean over all
+target tokens of all its micro-batches, not the mean of per-micro-batch means.
+Each micro-batch's backward uses sum(token losses) / (target tokens of the whole
+step), so the accumulated gradient equals the gradient of one big batch with the
+same tokens, whatever the padding and however the tokens split across
+micro-batches (the unweighted mean of means would overweight short batches).
+A target token is a label != -100 after the one-position shift.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+__all__ = ["OptimizerError", "create_optimizer", "evaluate", "generate", "train_step"]
+
+
+class OptimizerError(ValueError):
+    """Bad create_optimizer arguments; `option` names the one that was wrong."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
+def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any) -> torch.optim.Optimizer:
+    """name="nanoadam": NanoAdam over nanoadam_param_groups(model, dense=...);
+    opts are NanoAdam's keyword arguments plus `dense` (default ("lm_head", "norm")).
+    name="adamw": torch.optim.AdamW over the trainable parameters (the dense
+    baseline); opts are AdamW's, with weight_decay defaulting to 0.0 like NanoAdam
+    (torch's own default is 0.01). An unknown option raises OptimizerError naming it."""
+    if name == "adamw":
+        opts.setdefault("weight_decay", 0.0)
+        _check_options(torch.optim.AdamW, opts, name)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **opts)
+    if name == "nanoadam":
+        from .optim import NanoAdam, nanoadam_param_groups  # lazy: the sidecar loads without it
+
+        dense = opts.pop("dense", ("lm_head", "norm"))
+        _check_options(NanoAdam, opts, name)
+        return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense)), **opts)
+    raise OptimizerError(f"optimizer name {name!r} is not 'nanoadam' or 'adamw'", "name")
+
+
+def _check_options(cls: type, opts: dict[str, Any], name: str) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [k for k in params if k not in ("self", "params")]
+    for key in opts:
+        if key not in allowed:
+            raise OptimizerError(f"{name} has no option {key!r}; options are {allowed}", key)
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the token cross-entropies of one micro-batch, in fp32."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T)
+    attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # (B, T)
+    labels = batch["labels"].to(device, non_blocking=True)  # (B, T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _sync(model: torch.nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               batches: Sequence[dict[str, torch.Tensor]], lr: float, grad_clip: float | None = None
+               ) -> dict[str, Any]:
+    """One optimizer step over gradient-accumulated micro-batches at learning rate `lr`
+    (set on every param group). grad_clip: max global grad norm (None = no clipping).
+
+    Returns {loss, grad_norm, tokens, input_tokens, time_s, lr, density, mask_refreshed}:
+    loss is the token mean of Note [loss over accumulated micro-batches]; grad_norm the
+    global norm before clipping (None when NanoAdam(sparse_gradients=True) drops the dense
+    gradients in backward);
+    tokens the target tokens, input_tokens the non-padding ones; density and
+    mask_refreshed come from NanoAdam (`current_density`, `last_step_refreshed`), and
+    are 1.0 / False for optimizers without them, such as AdamW.
+    """
+    if not batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    sparse_grads = bool(getattr(optimizer, "sparse_gradients", False))  # NanoAdam frees dense grads in backward
+    if grad_clip is not None and sparse_grads:
+        raise ValueError("grad_clip needs the full gradients, which NanoAdam(sparse_gradients=True) frees "
+                         "during backward; turn one of them off")
+    _sync(model)
+    start = time.perf_counter()
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    tokens = sum(_targets(b) for b in batches)
+    if tokens == 0:
+        raise ValueError("train_step: the micro-batches have no target tokens (all labels are -100)")
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for batch in batches:
+        loss = _loss_sum(model, batch) / tokens
+        loss.backward()
+        loss_sum += loss.detach()
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   grad_clip)
+    elif grads and not sparse_grads:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    else:
+        grad_norm = None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    density = getattr(optimizer, "current_density", 1.0)  # NanoAdam: None while no tensor is sparse
+    loss_value = float(loss_sum)  # one device sync for the whole step
+    _sync(model)
+    return {
+        "loss": loss_value,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens": tokens,
+        "input_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+        "time_s": time.perf_counter() - start,
+        "lr": lr,
+        "density": None if density is None else float(density),
+        "mask_refreshed": bool(getattr(optimizer, "last_step_refreshed", False)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Token-mean loss and perplexity (exp of it) over all target tokens of `batches`."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    try:
+        for batch in batches:
+            total += _loss_sum(model, batch).double().cpu()
+            tokens += _targets(batch)
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("evaluate: no target tokens in the batches")
+    loss = float(total) / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompt: str | list[dict[str, str]], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The continuation of `prompt` (the new text only, special tokens removed).
+
+    prompt: a string (bos is added like in training) or chat messages, rendered by
+        the tokenizer's chat template with the assistant header appended.
+    temperature: 0 (default) = greedy; > 0 samples, with `top_p` nucleus filtering.
+    seed: the sampling seed; the global torch RNG is left untouched either way.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    else:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    ids = ids.to(device)  # (1, T)
+    was_training = model.training
+    model.eval()
+    sample = temperature > 0
+    kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:  # greedy: clear sampling settings a generation_config.json may carry
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # (1, T + new)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
