@@ -39,6 +39,8 @@ MOMENTS_ON_REFRESH = ("carry", "reset")
 CHUNK_SIZE = 2**15
 # How many chunks one selection pass handles at once (bounds the int64 key buffer).
 _CHUNKS_PER_PASS = 256
+# Entries per foreach bucket (bounds the fp32 working copies of one fast-path launch).
+_FOREACH_BUCKET = 2**24
 
 
 # --------------------------------------------------------------------------- #
@@ -197,6 +199,28 @@ def _remap(old_idx: Tensor, new_idx: Tensor, values: Tensor) -> Tensor:
     return out
 
 
+def _compact(idx: Tensor, chunk_size: int, index_dtype: torch.dtype) -> Tensor:
+    """Stored form of a mask: int32 flat indices, or int16 offsets inside each chunk."""
+    if index_dtype == torch.int32:
+        return idx
+    return (idx % chunk_size).to(torch.int16)  # chunks start at multiples of chunk_size
+
+
+def _expand(stored: Tensor, numel: int, density: float, chunk_size: int) -> Tensor:
+    """Flat int32 indices of a stored mask (inverse of _compact)."""
+    if stored.dtype == torch.int32:
+        return stored
+    parts, pos = [], 0
+    for start, length, k in _chunk_count(numel, density, chunk_size):
+        width = min(length, chunk_size)
+        rows = length // width
+        base = start + torch.arange(rows, dtype=torch.int32, device=stored.device) * width
+        local = stored[pos : pos + rows * k].to(torch.int32).view(rows, k)
+        parts.append((local + base[:, None]).reshape(-1))
+        pos += rows * k
+    return torch.cat(parts)
+
+
 # --------------------------------------------------------------------------- #
 # The math
 # --------------------------------------------------------------------------- #
@@ -226,9 +250,20 @@ def nano_adam(
     incremented. Only ``params[i].view(-1)[idxs[i]]`` is written: every other
     entry stays bit-identical.
     """
-    fn = _foreach_nano_adam if foreach else _single_tensor_nano_adam
-    fn(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, lr=lr, beta1=beta1, beta2=beta2,
-       eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              bias_correction=bias_correction)
+    if not foreach:
+        _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, **kw)
+        return
+    # Buckets of at most _FOREACH_BUCKET entries: the fp32 working copies of all
+    # tensors at once would cost several GB on a 3B model.
+    start, size = 0, 0
+    for i, g in enumerate(grads):
+        size += g.numel()
+        if size >= _FOREACH_BUCKET or i == len(grads) - 1:
+            sl = slice(start, i + 1)
+            _foreach_nano_adam(params[sl], grads[sl], exp_avgs[sl], exp_avg_sqs[sl], idxs[sl], steps[sl], **kw)
+            start, size = i + 1, 0
 
 
 def _gather_param(p: Tensor, idx: Tensor | None) -> Tensor:
@@ -347,8 +382,12 @@ class NanoAdam(Optimizer):
         moments_on_refresh (str, default "carry"): see Note [moments on mask refresh].
         bias_correction (bool, default False): Adam's bias correction; off as in
             Algorithm 1. It counts the tensor's steps, not each entry's.
-        moments_dtype (torch.dtype or None, default None): dtype of the sparse
-            moments; None is float32, torch.bfloat16 halves them (the paper's).
+        moments_dtype (torch.dtype or None, default None): dtype of the moments;
+            None is float32, torch.bfloat16 halves them (the paper's).
+        index_dtype (torch.dtype, default torch.int16): how a mask is stored:
+            int16 offsets inside each chunk (2 bytes an entry, as MicroAdam; the
+            flat indices are rebuilt for each step, a transient of 4 bytes an
+            entry for one tensor at a time) or int32 flat indices (4 bytes).
         chunk_size (int, default 2**15): see CHUNK_SIZE.
         foreach (bool or None, default None): use the foreach fast path; None
             picks it on CUDA.
@@ -388,6 +427,7 @@ class NanoAdam(Optimizer):
         moments_on_refresh: str = "carry",
         bias_correction: bool = False,
         moments_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype = torch.int16,
         chunk_size: int = CHUNK_SIZE,
         foreach: bool | None = None,
         sparse_gradients: bool = False,
@@ -425,19 +465,23 @@ class NanoAdam(Optimizer):
             )
         if moments_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"Invalid moments_dtype: {moments_dtype}; expected None, float32, bfloat16 or float16")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
-            raise ValueError(f"Invalid chunk_size: {chunk_size}; must be an int >= 1")
+        if index_dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"Invalid index_dtype: {index_dtype}; expected torch.int16 or torch.int32")
+        if not (isinstance(chunk_size, int) and 1 <= chunk_size <= (2**15 if index_dtype == torch.int16 else 2**31)):
+            raise ValueError(f"Invalid chunk_size: {chunk_size}; must be an int in [1, 2**15] "
+                             "(int16 indices) or [1, 2**31] (int32)")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
             mask_interval=mask_interval, density_interval=density_interval,
             final_density=final_density, total_steps=total_steps, criterion=criterion,
             moments_on_refresh=moments_on_refresh, bias_correction=bias_correction,
-            moments_dtype=moments_dtype, chunk_size=chunk_size, foreach=foreach, sparse=True,
+            moments_dtype=moments_dtype, index_dtype=index_dtype, chunk_size=chunk_size,
+            foreach=foreach, sparse=True,
             seed=seed,
         )
         super().__init__(params, defaults)
         self.sparse_gradients = sparse_gradients
-        # Gradients gathered at the mask in sparse-gradient mode, per tensor (fp32, (k,)).
+        # Gradients gathered at the mask in sparse-gradient mode, per tensor ((k,), grad dtype).
         # Not optimizer state: consumed by step(), never saved.
         self._sparse_grads: dict[Tensor, Tensor] = {}
         self._hooks = []
@@ -456,6 +500,7 @@ class NanoAdam(Optimizer):
             group.setdefault("seed", 0)
             group.setdefault("foreach", None)
             group.setdefault("moments_dtype", None)
+            group.setdefault("index_dtype", torch.int32)
 
     # ------------------------------------------------------------------ schedule
 
@@ -505,12 +550,13 @@ class NanoAdam(Optimizer):
                               chunk_size=group["chunk_size"])
         mdtype = group["moments_dtype"] or torch.float32
         if "idx" in state and group["moments_on_refresh"] == "carry":
-            state["exp_avg"] = _remap(state["idx"], new_idx, state["exp_avg"])
-            state["exp_avg_sq"] = _remap(state["idx"], new_idx, state["exp_avg_sq"])
+            old_idx = self._mask(group, p)
+            state["exp_avg"] = _remap(old_idx, new_idx, state["exp_avg"])
+            state["exp_avg_sq"] = _remap(old_idx, new_idx, state["exp_avg_sq"])
         else:
             state["exp_avg"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
-        state["idx"] = new_idx
+        state["idx"] = _compact(new_idx, group["chunk_size"], group["index_dtype"])
         state["density"] = density
         state["refreshed_at"] = t
         state["refresh_requested"] = False
@@ -526,7 +572,7 @@ class NanoAdam(Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdtype, memory_format=torch.preserve_format)
             # Sparse tensors get, at their first refresh:
-            #   idx: int32 (k,) ascending flat indices of the mask;
+            #   idx: (k,) the mask, ascending: int16 chunk offsets or int32 flat indices;
             #   exp_avg, exp_avg_sq: (k,) moments of the selected entries (moments_dtype);
             #   density: the density the mask was chosen at; refreshed_at: its step.
         return state
@@ -587,15 +633,18 @@ class NanoAdam(Optimizer):
                 else:
                     state["refresh_requested"] = True
 
+    def _mask(self, group, p: Tensor) -> Tensor:
+        state = self.state[p]
+        return _expand(state["idx"], p.numel(), state["density"], group["chunk_size"])
+
     def masks(self) -> dict[str, Tensor]:
         """Current mask of each sparse tensor by its canonical name: int32 flat indices."""
         out = {}
         for group in self.param_groups:
             if group["sparse"]:
                 for p, name in zip(group["params"], self._names(group)):
-                    idx = self.state[p].get("idx")
-                    if idx is not None:
-                        out[name.split("=")[0]] = idx
+                    if "idx" in self.state[p]:
+                        out[name.split("=")[0]] = self._mask(group, p)
         return out
 
     @property
@@ -650,7 +699,8 @@ class NanoAdam(Optimizer):
             self._refresh(group, p, offset + i, t, None)
         if p.grad is None:
             return
-        g = p.grad.view(-1)[state["idx"]].to(torch.float32)
+        # Accumulated in the gradient's own dtype: the same sums as dense accumulation in .grad.
+        g = p.grad.view(-1)[self._mask(group, p)]
         acc = self._sparse_grads.get(p)
         self._sparse_grads[p] = g if acc is None else acc.add_(g)
         p.grad = None
@@ -685,8 +735,9 @@ class NanoAdam(Optimizer):
                     if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
                         self._refresh(group, p, offset + i, t, p.grad)
                     refreshed = refreshed or state["refreshed_at"] == t
-                    g = sparse_grad if sparse_grad is not None else p.grad.view(-1)[state["idx"]]
-                    idxs.append(state["idx"])
+                    idx = self._mask(group, p)
+                    g = sparse_grad if sparse_grad is not None else p.grad.view(-1)[idx]
+                    idxs.append(idx)
                 else:
                     g = p.grad
                     idxs.append(None)
