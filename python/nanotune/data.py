@@ -317,6 +317,9 @@ def load_dataset(path: str | os.PathLike, tokenizer, format: str = "auto", cutof
         raise DatasetError("the dataset is empty (no rows)", p)
     if fmt == "auto":
         fmt = _detect_format(rows, p)
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DatasetError("chat rows need a tokenizer with a chat template, and this one has none "
+                           "(use an instruct model's tokenizer, or the 'instruction' format)", p, field="messages")
 
     eval_rows = None
     if eval_path is not None:
@@ -380,16 +383,23 @@ class BatchIterator:
         self.drop_last, self.epochs = drop_last, epochs
         self.epoch = 0  # the epoch being read
         self.index = 0  # examples of this epoch's order already returned
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order) cache
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
-        n = len(self.dataset)
-        if not self.shuffle:
-            return list(range(n))
+        """The example indices of `epoch` in visiting order (do not modify)."""
         if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(n, generator=g))
-        return self._order[1].tolist()
+            n = len(self.dataset)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.dataset.seed * 1_000_003 + epoch)
+                self._order = (epoch, torch.randperm(n, generator=g).tolist())
+            else:
+                self._order = (epoch, list(range(n)))
+        return self._order[1]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

@@ -197,7 +197,7 @@ def test_shuffle_is_seeded_and_every_epoch_covers_all(tiny_tokenizer, write_json
     for _ in range(3):  # 4 + 4 + 2 = one epoch; a batch never spans two epochs
         batch = next(a)
         sizes.append(len(batch["input_ids"]))
-    assert sizes == [4, 4, 2] and a.state_dict()["epoch"] == 0
+    assert sizes == [4, 4, 2] and a.state_dict()["epoch"] == 0 and a.batches_per_epoch == 3
     next(a)
     assert a.state_dict()["epoch"] == 1 and a.state_dict()["index"] == 4
     fixed = load_dataset(path, tiny_tokenizer, shuffle=False).train.batches(10)
@@ -226,8 +226,19 @@ def test_finite_epochs_for_evaluation(tiny_tokenizer, write_jsonl):
     batches = list(ds.batches(2, epochs=1, shuffle=False))
     assert [len(b["input_ids"]) for b in batches] == [2, 2, 1]
     assert [len(b["input_ids"]) for b in ds.batches(2, epochs=2, drop_last=True)] == [2, 2, 2, 2]
+    assert ds.batches(2, drop_last=True).batches_per_epoch == 2
 
 
 def test_read_rows_rejects_a_directory(tmp_path):
     with pytest.raises(DatasetError, match="not a file"):
         read_rows(tmp_path)
+
+
+def test_chat_rows_need_a_chat_template(tiny_dir, write_jsonl):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = None
+    with pytest.raises(DatasetError, match="no.*chat template|chat template.*none") as e:
+        load_dataset(write_jsonl(CHAT), tok)
+    assert e.value.field == "messages"

@@ -96,6 +96,9 @@ def test_gradient_checkpointing_trains(tiny_dir):
     ids = torch.tensor([[0, 5, 6, 7, 8]])
     lm.model(input_ids=ids, labels=ids).loss.backward()
     assert lm.model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    from nanotune.training import generate
+
+    assert isinstance(generate(lm.model, lm.tokenizer, "The cat", max_new_tokens=3), str)
 
 
 @pytest.mark.parametrize("make, message", [
