@@ -163,6 +163,8 @@ def select_mask(
     numel = param.numel()
     if numel >= 2**31:
         raise ValueError(f"tensor of {numel} entries is too large for int32 mask indices")
+    if density == 0:  # a frozen tensor (per-tensor density 0): empty mask
+        return torch.empty(0, dtype=torch.int32, device=param.device)
     source = grad if criterion == "large_grads" else param
     flat = source.detach().reshape(-1)
     out = []
@@ -208,8 +210,8 @@ def _compact(idx: Tensor, chunk_size: int, index_dtype: torch.dtype) -> Tensor:
 
 def _expand(stored: Tensor, numel: int, density: float, chunk_size: int) -> Tensor:
     """Flat int32 indices of a stored mask (inverse of _compact)."""
-    if stored.dtype == torch.int32:
-        return stored
+    if stored.dtype == torch.int32 or stored.numel() == 0:
+        return stored.to(torch.int32)
     parts, pos = [], 0
     for start, length, k in _chunk_count(numel, density, chunk_size):
         width = min(length, chunk_size)
@@ -591,8 +593,9 @@ class NanoAdam(Optimizer):
         if on, takes over again at its next density step); a mapping of regular
         expressions to densities sets per-tensor densities (first matching
         pattern wins, searched in the tensor's names; unmatched tensors follow
-        the group). ``criterion`` sets every sparse group's criterion. Both
-        persist for later refreshes.
+        the group; 0 freezes a tensor: empty mask, no state, never updated).
+        ``criterion`` sets every sparse group's criterion. Both persist for
+        later refreshes.
 
         ``now=True`` selects at once from the current weights (and ``.grad`` for
         ``large_grads``); ``now=False`` marks the masks to be refreshed at the
@@ -603,7 +606,8 @@ class NanoAdam(Optimizer):
         per_tensor: list[tuple[re.Pattern, float]] = []
         if isinstance(density, Mapping):
             for pattern, value in density.items():
-                _check_density(f"density[{pattern!r}]", value)
+                if value != 0:  # 0 freezes the matching tensors
+                    _check_density(f"density[{pattern!r}]", value)
                 per_tensor.append((re.compile(pattern), value))
         elif density is not None:
             _check_density("density", density)
@@ -732,6 +736,9 @@ class NanoAdam(Optimizer):
                 state = self._init_state(group, p)
                 if group["sparse"]:
                     t = int(state["step"])
+                    if state.get("density_override") == 0 and state.get("density") == 0:
+                        p.grad = None  # frozen: nothing to update
+                        continue
                     if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
                         self._refresh(group, p, offset + i, t, p.grad)
                     refreshed = refreshed or state["refreshed_at"] == t

@@ -326,7 +326,7 @@ def test_per_tensor_density_and_criterion_from_refresh_mask():
         assert torch.equal(opt.masks()[n], select_mask(p, want, "large_weights"))
     assert all(g["criterion"] == "large_weights" for g in opt.param_groups if g["sparse"])
     with pytest.raises(ValueError, match="density"):
-        opt.refresh_mask(density={"mlp": 0.0})
+        opt.refresh_mask(density={"mlp": 1.5})
     with pytest.raises(ValueError, match="criterion"):
         opt.refresh_mask(criterion="huge")
     opt.zero_grad()
@@ -378,3 +378,16 @@ def test_sparse_gradient_mode_equals_dense_path_with_accumulation(criterion, dty
     # Dense gradients of sparse tensors exist only on large_grads refresh steps (0, 3, 6).
     expected = [t % 3 == 0 for t in range(7)] if criterion == "large_grads" else [False] * 7
     assert seen_dense_grad == expected
+
+
+def test_per_tensor_density_zero_freezes_a_tensor():
+    model = tiny_llama()
+    opt = NanoAdam(nanoadam_param_groups(model), lr=1e-2, density=0.1, mask_interval=None)
+    train(model, opt, batches(1))
+    opt.refresh_mask(density={r"self_attn": 0.0})
+    frozen = {n: p.detach().clone() for n, p in sparse_params(opt) if "self_attn" in n}
+    train(model, opt, batches(3))
+    for n, p in sparse_params(opt):
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and opt.masks()[n].numel() == 0
+    assert opt.state_bytes("sparse") > 0
