@@ -255,13 +255,21 @@ def model_info(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def _dtype_kwarg() -> str:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+
+
 def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "auto", gradient_checkpointing: bool = False,
                seed: int = 0) -> LoadedModel:
     """Loads a causal LM and its tokenizer.
 
     path_or_preset: a local HF directory (config.json, *.safetensors, tokenizer
-        files; nothing is downloaded) or a preset name from PRESETS.
+        files; nothing is downloaded) or a preset name from PRESETS (a preset name
+        wins over a directory of the same name: write ./tiny-llama for the latter).
     dtype: None (default) = bf16 on CUDA, fp32 on CPU; or "bf16"/"fp16"/"fp32"/a torch.dtype.
     device: "auto" (default) = cuda if available, else cpu; or "cpu", "cuda:1", ...
     gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
@@ -279,8 +287,8 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     _check_hf_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dt)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{_dtype_kwarg(): dt})
+    except Exception as e:  # transformers, safetensors and json raise many types; all mean "this directory"
         raise ModelError(f"could not load model directory {str(path)!r}: {e}", path) from e
     if tokenizer.pad_token is None:  # Llama 3 ships without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token

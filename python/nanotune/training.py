@@ -119,14 +119,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         loss = _loss_sum(model, batch) / tokens
         loss.backward()
         loss_sum += loss.detach()
+    grad_norm = None
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   grad_clip)
-    elif grads and not sparse_grads:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    else:
-        grad_norm = None
+    if grads and not sparse_grads:
+        # In fp32 even for bf16 gradients; clipping scales like clip_grad_norm_ does.
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+        if grad_clip is not None:
+            scale = torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     density = getattr(optimizer, "current_density", 1.0)  # NanoAdam: None while no tensor is sparse
