@@ -1,0 +1,70 @@
+// Schedules for the learning rate and the mask density. A schedule is a plain
+// function of the optimizer step (0-based) and the run's total steps, so users
+// can pass their own (`schedules.fn`) and the Trainer can evaluate it anywhere.
+
+/** Maps an optimizer step (0-based) and the run's total steps to a value. */
+export type Schedule = (step: number, totalSteps: number) => number;
+/** A number means a constant schedule. */
+export type ScheduleLike = number | Schedule;
+
+export function toSchedule(s: ScheduleLike): Schedule {
+  return typeof s === "number" ? () => s : s;
+}
+
+function check(name: string, ok: boolean, what: string): void {
+  if (!ok) throw new RangeError(`schedules.${name}: ${what}`);
+}
+
+export const schedules = {
+  /** Always `value`. */
+  constant(value: number): Schedule {
+    check("constant", Number.isFinite(value), `value must be a finite number, got ${value}`);
+    return () => value;
+  },
+
+  /**
+   * Linear from `from` to `to` over `steps` steps (default: the whole run), held
+   * for `every` steps between changes (the paper's density interval d; default 1).
+   * `schedules.linear(0.1, 0.04, { every: 409 })` is the paper's density decay:
+   * k(t) = k0 + (kf - k0) * min(1, floor(t / d) * d / T), as NanoAdam computes it alone.
+   */
+  linear(from: number, to: number, opts: { steps?: number; every?: number } = {}): Schedule {
+    const every = opts.every ?? 1;
+    check("linear", Number.isFinite(from) && Number.isFinite(to), "from and to must be finite numbers");
+    check("linear", Number.isInteger(every) && every >= 1, `every must be an integer >= 1, got ${every}`);
+    check("linear", opts.steps === undefined || opts.steps >= 1, `steps must be >= 1, got ${opts.steps}`);
+    return (t, total) => {
+      const span = opts.steps ?? total;
+      const held = Math.floor(t / every) * every;
+      return from + (to - from) * Math.min(1, held / span);
+    };
+  },
+
+  /**
+   * Cosine decay from `peak` to `min` (default 0) over `steps` (default: the whole
+   * run), after `warmupSteps` (default 0) of linear warm-up from peak / warmupSteps.
+   */
+  cosine(opts: { peak: number; min?: number; warmupSteps?: number; steps?: number }): Schedule {
+    const { peak, min = 0, warmupSteps = 0 } = opts;
+    check("cosine", Number.isFinite(peak) && Number.isFinite(min), "peak and min must be finite numbers");
+    check("cosine", Number.isInteger(warmupSteps) && warmupSteps >= 0, `warmupSteps must be an integer >= 0`);
+    return (t, total) => {
+      if (t < warmupSteps) return (peak * (t + 1)) / warmupSteps;
+      const span = Math.max(1, (opts.steps ?? total) - warmupSteps);
+      const progress = Math.min(1, (t - warmupSteps) / span);
+      return min + 0.5 * (peak - min) * (1 + Math.cos(Math.PI * progress));
+    };
+  },
+
+  /** Linear warm-up over `steps` steps (from then(steps)/steps up), then `then`. */
+  warmup(steps: number, then: ScheduleLike): Schedule {
+    check("warmup", Number.isInteger(steps) && steps >= 1, `steps must be an integer >= 1, got ${steps}`);
+    const inner = toSchedule(then);
+    return (t, total) => (t < steps ? (inner(steps, total) * (t + 1)) / steps : inner(t, total));
+  },
+
+  /** Any function of the step and the total steps. */
+  fn(f: Schedule): Schedule {
+    return f;
+  },
+} as const;
