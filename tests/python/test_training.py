@@ -148,3 +148,14 @@ def test_generate_greedy_chat_and_seeded_sampling(tiny):
     assert s1 == s2 != s3
     assert torch.equal(torch.get_rng_state(), state)  # the training RNG is untouched
     assert model.training
+
+
+def test_nanoadam_sparse_gradients_has_no_grad_norm_and_refuses_clipping(tiny):
+    pytest.importorskip("nanotune.optim")
+    ids, labels = examples(tiny.tokenizer)
+    batch = [collate(ids, labels, 2)]
+    opt = create_optimizer(tiny.model, "nanoadam", density=0.1, sparse_gradients=True)
+    r = train_step(tiny.model, opt, batch, lr=1e-3)
+    assert r["grad_norm"] is None and r["mask_refreshed"] is True
+    with pytest.raises(ValueError, match="grad_clip needs the full gradients"):
+        train_step(tiny.model, opt, batch, lr=1e-3, grad_clip=1.0)
