@@ -59,16 +59,27 @@ def test_select_mask_rejects_unknown_criterion():
 
 def test_few_step_run_writes_report(tmp_path):
     cfg = ts.ToyConfig(seeds=2, n_train=64, n_test=128, pretrain_steps=30, finetune_steps=20, log_every=10,
-                       extra_neurons=(1,), densities=(0.1,))
+                       extra_neurons=(1,), densities=(0.1,), mask_intervals=(1, 0))
     result = ts.run(cfg, progress=lambda *_: None)
     runs = result["runs"]
-    assert [(r["criterion"], r["density"]) for r in runs] == [("dense", 1.0), ("small_weights", 0.1),
-                                                              ("large_grads", 0.1)]
+    assert [(r["criterion"], r["density"], r["mask_interval"]) for r in runs] == [
+        ("dense", 1.0, 1), ("small_weights", 0.1, 1), ("large_grads", 0.1, 1),
+        ("small_weights", 0.1, 0), ("large_grads", 0.1, 0)]
     for r in runs:
-        assert len(r["test_loss"]) == len(r["l2_shift"]) == 2 and len(r["curve_mean"]) == 3
+        assert len(r["test_loss"]) == len(r["l2_shift"]) == 2 and len(r["curve_median"]) == 3
         assert all(v > 0 for v in r["l2_shift"])
     json.dumps(result)  # the report's JSON must serialise
     md = ts.markdown(result)
-    assert "| 1 | small_weights | 10% |" in md and "0.0094" in md
-    assert ts.main(["--out", str(tmp_path), "--seeds", "2", "--pretrain-steps", "5", "--finetune-steps", "5"]) == 0
+    assert "| 1 | small_weights | 10% | every 1 |" in md and "| 1 | large_grads | 10% | static |" in md
+    assert "0.0094" in md and "| 1 | 10% | static |" in md
+    assert ts.main(["--out", str(tmp_path), "--seeds", "2", "--pretrain-steps", "5", "--finetune-steps", "5",
+                    "--mask-intervals", "3"]) == 0
     assert (tmp_path / "teacher_student.md").read_text().startswith("# Teacher-student toy")
+
+
+def test_static_mask_never_moves_other_entries():
+    W, a, X, y = small_problem(S=2, n=10)
+    _, gW, ga = ts.loss_and_grads(W, a, X, y)
+    mask = ts.select_mask(W, gW, "large_grads", 0.2)
+    W1, _, _ = ts.train(W, a, X, y, steps=5, lr=0.5, criterion="large_grads", density=0.2, mask_interval=0)
+    assert torch.equal(W1[~mask], W[~mask]) and not torch.equal(W1[mask], W[mask])

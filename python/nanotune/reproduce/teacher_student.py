@@ -24,7 +24,8 @@ Where PAPER.md is silent we choose, and the report says so:
 - density k: 10% of each layer (4 of 40 W entries, 2 of 20 a entries; the
   paper's Llama default) and 25%, both reported.
 - mask refresh: every step (m = 1) for both rules, so neither is handicapped
-  by a stale mask; ``--mask-interval`` changes it.
+  by a stale mask, and a static mask chosen once at the start of finetuning
+  (m = 0), since "updating only the smallest-|w| entries" can mean either.
 - data: 1,000 training inputs per seed, reused for both phases.
 - l2 shift: ||theta_finetuned - theta_pretrained||_2 over all student weights
   (the paper does not define its scale; we also give ||.||_2^2 / #params).
@@ -60,7 +61,7 @@ class ToyConfig:
     finetune_steps: int = 10_000
     finetune_lr: float = 1.0
     densities: tuple[float, ...] = (0.10, 0.25)  # fraction of each layer updated
-    mask_interval: int = 1  # refresh the mask every m steps
+    mask_intervals: tuple[int, ...] = (1, 0)  # refresh the mask every m steps; 0 = once, at step 0
     log_every: int = 100  # test-loss curve resolution
     seed: int = 0  # base RNG seed
 
@@ -132,6 +133,7 @@ def train(
     mask_interval: int = 1, X_test=None, y_test=None, log_every: int = 0,
 ):
     """Full-batch GD; only the masked entries of each layer move.
+    mask_interval m: refresh the mask every m steps; 0 = choose it once, at step 0.
     Returns (W, a, curve) with curve[j] = test loss (S,) at step j * log_every."""
     curve = []
     mask_W = mask_a = None
@@ -139,7 +141,7 @@ def train(
         if log_every and t % log_every == 0 and X_test is not None:
             curve.append(test_loss(W, a, X_test, y_test))
         _, gW, ga = loss_and_grads(W, a, X, y)
-        if mask_W is None or t % mask_interval == 0:
+        if mask_W is None or (mask_interval and t % mask_interval == 0):
             mask_W = select_mask(W, gW, criterion, density)
             mask_a = select_mask(a, ga, criterion, density)
         W = torch.where(mask_W, W - lr * gW, W)
@@ -161,10 +163,11 @@ class RunResult:
     extra: int
     criterion: str
     density: float
+    mask_interval: int  # 0 = static mask
     test_loss: list[float]  # per seed, after finetuning
     l2_shift: list[float]  # per seed
     ms_shift: list[float]  # per seed, ||delta||^2 / #params
-    curve_mean: list[float] = field(default_factory=list)  # mean test loss over seeds, every log_every steps
+    curve_median: list[float] = field(default_factory=list)  # median test loss over seeds, every log_every steps
 
 
 def run(cfg: ToyConfig, progress=print) -> dict:
@@ -190,19 +193,22 @@ def run(cfg: ToyConfig, progress=print) -> dict:
         Wn, an = torch.cat([Wt, We], 1), torch.cat([at, ae], 1)
         y, y_test = target(Wn, an, X), target(Wn, an, X_test)
         start_losses[k] = test_loss(W_pre, a_pre, X_test, y_test).tolist()
-        runs = [("dense", 1.0)] + [(c, p) for p in cfg.densities for c in ("small_weights", "large_grads")]
-        for criterion, density in runs:
+        runs = [("dense", 1.0, 1)] + [
+            (c, p, m) for m in cfg.mask_intervals for p in cfg.densities for c in ("small_weights", "large_grads")
+        ]
+        for criterion, density, mask_interval in runs:
             t0 = time.perf_counter()
             W, a, curve = train(
                 W_pre, a_pre, X, y, cfg.finetune_steps, cfg.finetune_lr, criterion, density,
-                cfg.mask_interval, X_test, y_test, cfg.log_every,
+                mask_interval, X_test, y_test, cfg.log_every,
             )
             shift = ((W - W_pre) ** 2).sum((1, 2)).add(((a - a_pre) ** 2).sum(1)).sqrt()
             n_params = W[0].numel() + a[0].numel()
-            r = RunResult(k, criterion, density, test_loss(W, a, X_test, y_test).tolist(), shift.tolist(),
-                          (shift ** 2 / n_params).tolist(), curve.mean(1).tolist())
+            r = RunResult(k, criterion, density, mask_interval, test_loss(W, a, X_test, y_test).tolist(),
+                          shift.tolist(), (shift ** 2 / n_params).tolist(), curve.median(1).values.tolist())
             results.append(r)
-            progress(f"+{k} neuron(s) {criterion:13s} k={density:.0%}: test loss {_mean(r.test_loss):.4f}, "
+            progress(f"+{k} neuron(s) {criterion:13s} k={density:.0%} m={mask_interval}: "
+                     f"test loss {_mean(r.test_loss):.4f}, "
                      f"l2 {_mean(r.l2_shift):.4f} ({time.perf_counter() - t0:.1f}s)")
     return {
         "config": asdict(cfg),
@@ -224,7 +230,18 @@ def _std(xs):
     return math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
 
 
+
+def _median(xs):
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
+
 PAPER = {1: {"small_weights": (0.0094, 0.027), "large_grads": (0.017, 0.057)}}  # test loss, l2 (PAPER.md)
+
+
+def _refresh(m: int) -> str:
+    return "static" if m == 0 else f"every {m}"
 
 
 def markdown(result: dict) -> str:
@@ -236,41 +253,56 @@ def markdown(result: dict) -> str:
         f"Generated by `python -m nanotune.reproduce.teacher_student`. {cfg['seeds']} seeds; "
         f"student {cfg['student_neurons']} neurons, teacher {cfg['teacher_neurons']}, d = {cfg['input_dim']}; "
         f"{cfg['n_train']} train / {cfg['n_test']} test inputs per seed; pretrain {cfg['pretrain_steps']} GD steps "
-        f"at lr {cfg['pretrain_lr']}, finetune {cfg['finetune_steps']} at lr {cfg['finetune_lr']}; mask per layer, "
-        f"refreshed every {cfg['mask_interval']} step(s). Loss = (1/2N) sum r^2. Values: mean ± std over seeds; "
-        "'wins' = seeds where small weights beat largest gradients on that metric.",
+        f"at lr {cfg['pretrain_lr']}, finetune {cfg['finetune_steps']} at lr {cfg['finetune_lr']}; mask chosen per "
+        "layer, refreshed every step or chosen once (static). Loss = (1/2N) sum r^2. Test loss and l2 shift: "
+        "mean ± std and median over seeds; l2²/#params is the mean. The paper's numbers are for 1 extra neuron; "
+        "it states neither density nor refresh rule, so they sit beside every 1-neuron row.",
         "",
-        f"Pretrained test loss (old teacher): {_mean(result['pretrain_test_loss']):.2e}.",
+        f"Pretrained test loss (old teacher): mean {_mean(result['pretrain_test_loss']):.2e}.",
         "",
-        "| extra neurons | rule | density | test loss | l2 shift | l2² / #params | paper test loss | paper l2 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| extra | rule | density | mask | test loss mean ± std | median | l2 shift mean ± std | median "
+        "| l2²/#params | paper loss | paper l2 |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, start in result["finetune_start_test_loss"].items():
-        lines.append(f"| {k} | (before finetuning) | - | {_mean(start):.4f} ± {_std(start):.4f} | 0 | 0 | | |")
+        lines.append(f"| {k} | (before finetuning) | | | {_mean(start):.4f} ± {_std(start):.4f} | "
+                     f"{_median(start):.4f} | 0 | 0 | 0 | | |")
         for r in (r for r in runs if r["extra"] == int(k)):
-            paper = PAPER.get(int(k), {}).get(r["criterion"]) if r["density"] == 0.10 else None
+            paper = PAPER.get(int(k), {}).get(r["criterion"])
             p_loss, p_l2 = (f"{paper[0]}", f"{paper[1]}") if paper else ("", "")
-            dens = "100%" if r["criterion"] == "dense" else f"{r['density']:.0%}"
+            dense = r["criterion"] == "dense"
             lines.append(
-                f"| {k} | {r['criterion']} | {dens} | {_mean(r['test_loss']):.4f} ± {_std(r['test_loss']):.4f} | "
-                f"{_mean(r['l2_shift']):.4f} ± {_std(r['l2_shift']):.4f} | {_mean(r['ms_shift']):.4f} | "
-                f"{p_loss} | {p_l2} |"
+                f"| {k} | {r['criterion']} | {'100%' if dense else format(r['density'], '.0%')} | "
+                f"{'' if dense else _refresh(r['mask_interval'])} | "
+                f"{_mean(r['test_loss']):.4f} ± {_std(r['test_loss']):.4f} | {_median(r['test_loss']):.2e} | "
+                f"{_mean(r['l2_shift']):.3f} ± {_std(r['l2_shift']):.3f} | {_median(r['l2_shift']):.3f} | "
+                f"{_mean(r['ms_shift']):.4f} | {p_loss} | {p_l2} |"
             )
-    lines += ["", "| extra neurons | density | small < large_grads on test loss (seeds) | on l2 shift (seeds) |",
-              "|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Head to head, per seed (same pretrained student, same new target): in how many seeds small weights "
+        "end lower than largest gradients.",
+        "",
+        "| extra | density | mask | lower test loss | smaller l2 shift |",
+        "|---:|---:|---|---:|---:|",
+    ]
     for k in result["finetune_start_test_loss"]:
-        for p in cfg["densities"]:
-            sw = next(r for r in runs if r["extra"] == int(k) and r["criterion"] == "small_weights" and r["density"] == p)
-            lg = next(r for r in runs if r["extra"] == int(k) and r["criterion"] == "large_grads" and r["density"] == p)
-            wl = sum(a < b for a, b in zip(sw["test_loss"], lg["test_loss"]))
-            w2 = sum(a < b for a, b in zip(sw["l2_shift"], lg["l2_shift"]))
-            lines.append(f"| {k} | {p:.0%} | {wl}/{len(sw['test_loss'])} | {w2}/{len(sw['l2_shift'])} |")
+        for m in cfg["mask_intervals"]:
+            for p in cfg["densities"]:
+                pick = lambda c: next(  # noqa: E731
+                    r for r in runs if (r["extra"], r["criterion"], r["density"], r["mask_interval"]) == (int(k), c, p, m)
+                )
+                sw, lg = pick("small_weights"), pick("large_grads")
+                wl = sum(x < y for x, y in zip(sw["test_loss"], lg["test_loss"]))
+                w2 = sum(x < y for x, y in zip(sw["l2_shift"], lg["l2_shift"]))
+                n = len(sw["test_loss"])
+                lines.append(f"| {k} | {p:.0%} | {_refresh(m)} | {wl}/{n} | {w2}/{n} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> bool:
-    """Test-loss curves (mean over seeds) and per-seed (l2, loss) points. False
-    when matplotlib is missing (it is not a dependency; see reports/README.md)."""
+    """Median test-loss curves per mask rule, and per-seed (l2, loss) points.
+    False when matplotlib is missing (it is not a dependency; see reports/README.md)."""
     try:
         import matplotlib
 
@@ -280,24 +312,37 @@ def plot(result: dict, path: Path) -> bool:
         return False
     cfg, runs = result["config"], result["runs"]
     extras = list(result["finetune_start_test_loss"])
-    fig, axes = plt.subplots(2, len(extras), figsize=(5.5 * len(extras), 8), squeeze=False)
+    intervals = cfg["mask_intervals"]
+    fig, axes = plt.subplots(len(intervals) + 1, len(extras), figsize=(5.5 * len(extras), 3.6 * (len(intervals) + 1)),
+                             squeeze=False)
     colours = {"small_weights": "tab:blue", "large_grads": "tab:red", "dense": "tab:gray"}
-    styles = {p: s for p, s in zip(cfg["densities"], ["-", "--", ":", "-."])}
+    styles = {p: s for p, s in zip(cfg["densities"], ["--", "-", ":", "-."])}
+    markers = {p: s for p, s in zip(cfg["densities"], ["o", "x", "^", "s"])}
     for col, k in enumerate(extras):
-        ax, sc = axes[0][col], axes[1][col]
-        for r in (r for r in runs if r["extra"] == int(k)):
-            label = r["criterion"] if r["criterion"] == "dense" else f"{r['criterion']} {r['density']:.0%}"
-            steps = [i * cfg["log_every"] for i in range(len(r["curve_mean"]))]
-            ax.plot(steps, r["curve_mean"], styles.get(r["density"], "-"), color=colours[r["criterion"]], label=label)
+        mine = [r for r in runs if r["extra"] == int(k)]
+        for row, m in enumerate(intervals):
+            ax = axes[row][col]
+            for r in mine:
+                if r["criterion"] != "dense" and r["mask_interval"] != m:
+                    continue
+                label = "dense GD" if r["criterion"] == "dense" else f"{r['criterion']} {r['density']:.0%}"
+                steps = [i * cfg["log_every"] for i in range(len(r["curve_median"]))]
+                ax.plot(steps, r["curve_median"], styles.get(r["density"], "-"), color=colours[r["criterion"]],
+                        label=label, lw=1.2)
+            ax.set(yscale="log", xlabel="finetuning step", ylabel="test loss (median of seeds)",
+                   title=f"+{k} teacher neuron(s), mask {_refresh(m)}")
+            ax.legend(fontsize=7)
+        sc = axes[-1][col]
+        for r in mine:
+            if r["criterion"] == "dense" or r["mask_interval"] != intervals[0]:
+                continue
             sc.scatter(r["l2_shift"], r["test_loss"], color=colours[r["criterion"]], s=18,
-                       marker="o" if r["density"] in (1.0, cfg["densities"][0]) else "x", label=label)
-        ax.set(yscale="log", xlabel="finetuning step", ylabel="test loss (mean over seeds)",
-               title=f"+{k} teacher neuron(s)")
-        sc.set(xlabel="l2 shift from pretrained", ylabel="final test loss", yscale="log", title="per seed")
-        ax.legend(fontsize=8)
-        sc.legend(fontsize=8)
+                       marker=markers.get(r["density"], "o"), label=f"{r['criterion']} {r['density']:.0%}")
+        sc.set(xlabel="l2 shift from pretrained", ylabel="final test loss", yscale="log",
+               title=f"per seed, mask {_refresh(intervals[0])}")
+        sc.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -310,18 +355,21 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=ToyConfig.finetune_steps)
     p.add_argument("--pretrain-lr", type=float, default=ToyConfig.pretrain_lr)
     p.add_argument("--finetune-lr", type=float, default=ToyConfig.finetune_lr)
-    p.add_argument("--mask-interval", type=int, default=ToyConfig.mask_interval)
+    p.add_argument("--mask-intervals", type=int, nargs="+", default=list(ToyConfig.mask_intervals),
+                   help="refresh intervals to compare; 0 = mask chosen once (default: 1 0)")
     args = p.parse_args(argv)
     cfg = ToyConfig(seeds=args.seeds, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                    pretrain_lr=args.pretrain_lr, finetune_lr=args.finetune_lr, mask_interval=args.mask_interval)
+                    pretrain_lr=args.pretrain_lr, finetune_lr=args.finetune_lr,
+                    mask_intervals=tuple(args.mask_intervals))
     result = run(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "teacher_student.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
     if plot(result, args.out / "teacher_student.png"):
-        md += "\n![test loss curves and per-seed l2 vs loss](teacher_student.png)\n"
+        md += "\n![median test loss curves and per-seed l2 vs loss](teacher_student.png)\n"
     else:
-        md += "\n(No plot: matplotlib is not installed; `pip install matplotlib` and rerun.)\n"
+        md += ("\n(No plot: matplotlib is not installed. It should become an optional `reproduce` extra in "
+               "pyproject.toml; `pip install matplotlib` and rerun.)\n")
     (args.out / "teacher_student.md").write_text(md)
     print(f"wrote {args.out / 'teacher_student.md'}")
     return 0
