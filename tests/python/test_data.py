@@ -242,3 +242,30 @@ def test_chat_rows_need_a_chat_template(tiny_dir, write_jsonl):
     with pytest.raises(DatasetError, match="no.*chat template|chat template.*none") as e:
         load_dataset(write_jsonl(CHAT), tok)
     assert e.value.field == "messages"
+
+
+LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_chat_with_a_llama3_style_template(tiny_dir, write_jsonl):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = LLAMA3_STYLE
+    data = load_dataset(write_jsonl(CHAT), tok)
+    ids, labels = data.train.input_ids[0], data.train.labels[0]
+    assert decode_targets(tok, ids, labels) == "hello<|eot_id|>see you<|eot_id|>"
+
+
+def test_chat_template_that_rewrites_history_is_an_error(tiny_dir, write_jsonl):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    # Marks only the final turn: rendering a longer conversation changes the earlier text.
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                         "{% if loop.last %} [last]{% endif %}\n{% endfor %}")
+    with pytest.raises(DatasetError, match="prefix by prefix") as e:
+        load_dataset(write_jsonl([CHAT[0]] * 2), tok)
+    assert (e.value.line, e.value.field) == (1, "messages")
