@@ -52,6 +52,7 @@ __all__ = [
     "extract_answer",
     "evaluate_tasks",
     "format_table",
+    "main",
 ]
 
 
@@ -575,3 +576,35 @@ def format_table(results: dict[str, dict]) -> str:
         avg_norm = sum(norms) / len(norms) if len(norms) == len(accs) else None
         lines.append(f"| average | {sum(r['n'] for r in results.values())} | {fmt(sum(accs) / len(accs))} | {fmt(avg_norm)} |")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`python -m nanotune.evaluation --model DIR --task piqa=piqa.jsonl ...`: print the table."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Score a causal LM on local commonsense task files.")
+    p.add_argument("--model", required=True, help="save_pretrained folder with the model and its tokenizer")
+    p.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
+                   help=f"task file, repeatable; names: {', '.join(TASKS)}")
+    p.add_argument("--mode", choices=("loglikelihood", "generate"), default="loglikelihood")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = p.parse_args(argv)
+    tasks = {}
+    for spec in args.task:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--task {spec!r}: expected NAME=PATH, e.g. piqa=data/piqa/valid.jsonl")
+        tasks[name] = path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    results = evaluate_tasks(model, tokenizer, tasks, mode=args.mode, limit=args.limit, batch_size=args.batch_size)
+    print(json.dumps(results) if args.json else format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -270,3 +270,19 @@ def test_generate_mode_with_rigged_model(tokenizer, tmp_path):
     res = evaluate_tasks(model, tokenizer, {"boolq": path}, mode="generate", batch_size=2)
     assert res == {"boolq": {"acc": pytest.approx(2 / 3), "acc_norm": None, "n": 3}}
     assert PROMPT_TEMPLATE.format(instruction="I").endswith("### Instruction:\nI\n\n### Response:\n")
+
+
+def test_command_line_prints_table(tokenizer, tmp_path, capsys):
+    from nanotune.evaluation import main
+
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    path = write_jsonl(tmp_path / "bq.jsonl", [{"question": "q", "passage": "p", "answer": True}] * 3)
+    assert main(["--model", str(tmp_path / "m"), "--task", f"boolq={path}", "--limit", "2", "--json"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    direct = evaluate_tasks(model, tokenizer, {"boolq": path}, limit=2)
+    assert json.loads(line) == direct
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "m"), "--task", "boolq"])
+    assert "expected NAME=PATH" in capsys.readouterr().err
