@@ -1,0 +1,186 @@
+// The wire contract between the TS client (ts/sidecar.ts) and the Python sidecar
+// (python/nanotune/sidecar/). This file is the one source of truth: `npm run
+// protocol:schema` writes protocol/schema.json from it, tests/ts/protocol.test.ts
+// fails when that file is stale, and tests/python/test_protocol.py checks the
+// Python msgspec models (python/nanotune/sidecar/protocol.py) against schema.json.
+//
+// Adding a method: add an entry to `methods` below (params, result, thread),
+// regenerate schema.json, then add the msgspec Structs and a `@method` handler
+// on the Python side (see python/nanotune/sidecar/registry.py).
+import { z } from "zod";
+
+/** Bumped on any incompatible change to the envelope or a method's params/result. */
+export const PROTOCOL_VERSION = 1;
+
+/**
+ * The error-code table. `origin` says which side raises it: "sidecar" codes
+ * arrive in `{id, error}` replies, "client" codes are raised by the TS client.
+ */
+export const errorCodes = {
+  INVALID_REQUEST: { origin: "sidecar", description: "The message is not a msgpack map with v, id, method and params, or its frames do not match." },
+  INVALID_PARAMS: { origin: "sidecar", description: "The params do not match the method's schema; the message names the field." },
+  UNKNOWN_METHOD: { origin: "sidecar", description: "No method of that name is registered." },
+  PROTOCOL_MISMATCH: { origin: "sidecar", description: "Client and sidecar speak different protocol versions; the message names both." },
+  BUSY: { origin: "sidecar", description: "A compute call is already running; wait for it or cancel it (calls are never queued)." },
+  CANCELLED: { origin: "sidecar", description: "The call was cancelled (cancel method or AbortSignal)." },
+  OUT_OF_MEMORY: { origin: "sidecar", description: "The device (or host) ran out of memory during the call." },
+  INTERNAL: { origin: "sidecar", description: "An unexpected exception in the sidecar; data.traceback holds the Python traceback." },
+  TIMEOUT: { origin: "client", description: "The call's timeoutMs passed; the client asked the sidecar to cancel it." },
+  SIDECAR_CRASHED: { origin: "client", description: "The sidecar process exited while calls were pending; data holds the signal, exit code and last stderr lines." },
+  START_FAILED: { origin: "client", description: "The sidecar process could not be started or did not become ready in startTimeoutMs." },
+  CLOSED: { origin: "client", description: "The client was closed before or during the call." },
+} as const;
+export type ErrorCode = keyof typeof errorCodes;
+export const ErrorCode = Object.fromEntries(Object.keys(errorCodes).map((k) => [k, k])) as { [K in ErrorCode]: K };
+
+const int = () => z.number().int();
+const uint = () => z.number().int().nonnegative();
+
+/** Element types a tensor frame may hold (torch names; bfloat16 has no numpy twin). */
+export const DType = z.enum(["float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool"]);
+export type DType = z.infer<typeof DType>;
+
+/**
+ * A tensor on the wire: its bytes travel as raw ZeroMQ frame number `frame`
+ * after the envelope (0 = the first frame after it), C-contiguous, little-endian.
+ */
+export const TensorRef = z
+  .strictObject({ dtype: DType, shape: z.array(uint()), frame: uint() })
+  .meta({ title: "TensorRef" });
+export type TensorRef = z.infer<typeof TensorRef>;
+
+// ---- envelope ---------------------------------------------------------------
+
+export const Request = z.strictObject({
+  v: int().describe("protocol version of the sender"),
+  id: uint().describe("request id, unique per connection; replies carry it back"),
+  method: z.string(),
+  params: z.record(z.string(), z.unknown()).optional().describe("absent means {}"),
+});
+export const ErrorBody = z.strictObject({
+  code: z.string().describe("one of errorCodes"),
+  message: z.string(),
+  data: z.unknown().optional(),
+  traceback: z.string().nullable().optional(),
+});
+export const Reply = z.union([
+  z.strictObject({ id: uint(), result: z.unknown() }),
+  z.strictObject({ id: uint().nullable().describe("null when the request's id could not be read"), error: ErrorBody }),
+]);
+export const Event = z.strictObject({ event: z.string(), data: z.unknown() });
+
+// ---- methods ----------------------------------------------------------------
+
+const Empty = z.strictObject({});
+
+const CudaInfo = z.strictObject({
+  name: z.string(),
+  totalBytes: uint(),
+  freeBytes: uint(),
+});
+
+/**
+ * Every method: its params and result, and the thread that serves it: "io"
+ * methods are answered at once by the sidecar's I/O thread, even while a
+ * "compute" call runs; compute calls run one at a time (a second one gets BUSY).
+ */
+export const methods = {
+  hello: {
+    thread: "io",
+    description: "Handshake: checks the protocol version and reports the runtime.",
+    params: z.strictObject({ protocol: int(), client: z.string().optional() }),
+    result: z.strictObject({
+      protocol: int(),
+      sidecar: z.string().describe("nanotune package version"),
+      python: z.string(),
+      torch: z.string(),
+      pid: uint(),
+      device: z.string().describe('"cpu" or "cuda:N"'),
+      dtype: z.string().describe("default parameter dtype on that device"),
+      cuda: CudaInfo.nullable(),
+      methods: z.array(z.string()),
+    }),
+  },
+  ping: {
+    thread: "io",
+    description: "Liveness; answered by the I/O thread at once.",
+    params: Empty,
+    result: Empty,
+  },
+  status: {
+    thread: "io",
+    description: "What the sidecar is doing now.",
+    params: Empty,
+    result: z.strictObject({
+      pid: uint(),
+      uptimeS: z.number(),
+      ready: z.boolean().describe("torch imported and method modules loaded"),
+      busy: z.strictObject({ id: uint(), method: z.string(), runningS: z.number(), cancelling: z.boolean() }).nullable(),
+      served: uint().describe("requests answered so far"),
+      rejected: uint().describe("requests answered with an error so far"),
+    }),
+  },
+  cancel: {
+    thread: "io",
+    description: "Cancels the running compute call (only if its id matches, when id is given).",
+    params: z.strictObject({ id: uint().optional() }),
+    result: z.strictObject({ cancelled: z.boolean(), id: uint().nullable() }),
+  },
+  shutdown: {
+    thread: "io",
+    description: "Replies, then exits the sidecar process.",
+    params: Empty,
+    result: Empty,
+  },
+  "debug.busy": {
+    thread: "compute",
+    description: "Diagnostic: computes (small matmuls) for `seconds`, checking for cancellation between steps; emits debug:tick.",
+    params: z.strictObject({
+      seconds: z.number().nonnegative(),
+      tickEveryS: z.number().positive().optional().describe("emit debug:tick this often (default: never)"),
+      cooperative: z.boolean().optional().describe("false: never call check_cancelled (tests the forced cancel)"),
+    }),
+    result: z.strictObject({ iterations: uint(), seconds: z.number() }),
+  },
+  "debug.echo": {
+    thread: "io",
+    description: "Diagnostic: returns value and tensor as received (the tensor zero-copy).",
+    params: z.strictObject({ value: z.unknown().optional(), tensor: TensorRef.optional() }),
+    result: z.strictObject({ value: z.unknown(), tensor: TensorRef.nullable() }),
+  },
+  "debug.store": {
+    thread: "compute",
+    description: "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value.",
+    params: z.strictObject({ key: z.string(), value: z.unknown().optional() }),
+    result: z.strictObject({ previous: z.unknown() }),
+  },
+} as const satisfies Record<string, { thread: "io" | "compute"; description: string; params: z.ZodType; result: z.ZodType }>;
+export type MethodName = keyof typeof methods;
+
+/** Unsolicited events `{event, data}`: name -> data schema. */
+export const events = {
+  "debug:tick": z.strictObject({ iteration: uint(), elapsedS: z.number() }),
+} as const satisfies Record<string, z.ZodType>;
+export type EventName = keyof typeof events;
+
+/** The JSON written to protocol/schema.json (what the Python side is tested against). */
+export function toJSON() {
+  const js = (s: z.ZodType) => {
+    const { $schema: _drop, ...rest } = z.toJSONSchema(s, { io: "input" }) as Record<string, unknown>;
+    return rest;
+  };
+  return {
+    $comment: "Generated from protocol/schema.ts by `npm run protocol:schema`; do not edit.",
+    protocolVersion: PROTOCOL_VERSION,
+    errorCodes,
+    dtypes: DType.options,
+    envelope: { request: js(Request), reply: js(Reply), event: js(Event), tensorRef: js(TensorRef) },
+    methods: Object.fromEntries(
+      Object.entries(methods).map(([name, m]) => [
+        name,
+        { thread: m.thread, description: m.description, params: js(m.params), result: js(m.result) },
+      ]),
+    ),
+    events: Object.fromEntries(Object.entries(events).map(([name, s]) => [name, js(s)])),
+  };
+}

@@ -1,0 +1,74 @@
+"""Tensors as raw ZeroMQ frames: `{dtype, shape, frame}` in the envelope, the bytes in
+frame number `frame` after it (C-contiguous, little-endian). Both directions are
+zero-copy on this side: torch.frombuffer over the received frame, and the sent frame
+is the tensor's own memory (pyzmq keeps a reference until it is sent)."""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+from .protocol import ErrorCode, TensorRef
+from .registry import SidecarError
+
+# Received frames are read-only; torch warns once that writing to such a tensor is
+# undefined. We document that instead (ctx.tensor: clone before writing).
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+assert sys.byteorder == "little", "tensor frames are little-endian; big-endian hosts are not supported"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def tensor_from_frame(ref: TensorRef, frames: list[Any], where: str) -> torch.Tensor:
+    """A zero-copy view of frames[ref.frame] as a tensor of ref.dtype and ref.shape."""
+    if ref.frame >= len(frames):
+        raise SidecarError(
+            ErrorCode.INVALID_REQUEST,
+            f"{where}.frame: frame {ref.frame} does not exist; the message has {len(frames)} frame(s) after the envelope",
+            {"field": f"{where.split(': ', 1)[-1]}.frame"},
+        )
+    buf = frames[ref.frame]
+    buf = buf.buffer if hasattr(buf, "buffer") else memoryview(buf)
+    dtype = DTYPES[ref.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    want = math.prod(ref.shape) * itemsize
+    if buf.nbytes != want:
+        raise SidecarError(
+            ErrorCode.INVALID_PARAMS,
+            f"{where}.shape: {ref.dtype} {list(ref.shape)} needs {want} bytes but frame {ref.frame} has {buf.nbytes}",
+            {"field": f"{where.split(': ', 1)[-1]}.shape"},
+        )
+    if want == 0:
+        return torch.empty(ref.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(ref.shape)
+
+
+def tensor_to_frame(t: Any, frames: list[Any]) -> dict[str, Any]:
+    """Appends t's bytes to frames (no copy for a contiguous CPU tensor) and returns its TensorRef."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.from_numpy(t)  # numpy arrays
+    if t.dtype not in NAMES:
+        raise TypeError(f"tensor dtype {t.dtype} cannot travel; use one of {sorted(DTYPES)}")
+    shape = list(t.shape)
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    frames.append(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return {"dtype": NAMES[t.dtype], "shape": shape, "frame": len(frames) - 1}
