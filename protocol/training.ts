@@ -1,0 +1,176 @@
+// The training methods of the wire contract (issue 4), part of protocol/schema.ts's
+// `methods` table: models, data, the optimizer, steps, mask policies, evaluation,
+// generation and checkpoints. Python mirrors them in python/nanotune/methods/train.py.
+import { z } from "zod";
+
+const int = () => z.number().int();
+const uint = () => z.number().int().nonnegative();
+const TensorRef = z.strictObject({ dtype: z.string(), shape: z.array(uint()), frame: uint() });
+
+export const Criterion = z.enum(["small_weights", "large_weights", "random", "large_grads"]);
+
+/** What a mask refresh applies (see ts/train/policies.ts MaskDecision). */
+export const MaskDecision = z
+  .strictObject({
+    criterion: Criterion,
+    density: z.number().gt(0).lte(1).describe("density of every tensor not matched by perTensor"),
+    perTensor: z
+      .record(z.string(), z.number().gte(0).lte(1))
+      .optional()
+      .describe("regular expression on tensor names -> density; first match wins; 0 freezes"),
+    include: z.array(z.string()).optional().describe("only tensors matching one of these train"),
+    exclude: z.array(z.string()).optional().describe("tensors matching one of these are frozen"),
+  })
+  .meta({ title: "MaskDecision" });
+
+const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() });
+
+export const trainingMethods = {
+  load_model: {
+    thread: "compute",
+    description: "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run.",
+    params: z.strictObject({
+      path: z.string().min(1).describe("a local HF model directory or a preset name"),
+      dtype: z.enum(["float32", "bfloat16", "float16"]).nullable().optional().describe("default: bf16 on CUDA, fp32 on CPU"),
+      device: z.string().optional().describe('"auto" (default), "cpu", "cuda", "cuda:1"'),
+      gradientCheckpointing: z.boolean().optional(),
+      seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
+    }),
+    result: z.strictObject({
+      path: z.string(),
+      device: z.string(),
+      dtype: z.string(),
+      parameters: uint(),
+      trainableParameters: uint(),
+      tied: z.array(z.array(z.string())).describe("groups of names sharing one tensor"),
+      paramBytes: uint(),
+      modelType: z.string(),
+    }),
+  },
+  load_dataset: {
+    thread: "compute",
+    description: "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation.",
+    params: z.strictObject({
+      path: z.string().min(1),
+      format: z.enum(["auto", "text", "instruction", "alpaca", "commonsense", "chat"]).optional(),
+      cutoff: int().min(2).optional().describe("most tokens per example (default 256)"),
+      trainOnInputs: z.boolean().optional().describe("false (default): loss on responses only"),
+      seed: int().optional(),
+      shuffle: z.boolean().optional(),
+      evalFraction: z.number().gte(0).lt(1).optional(),
+      evalPath: z.string().optional(),
+    }),
+    result: z.strictObject({
+      path: z.string(),
+      format: z.string(),
+      trainExamples: uint(),
+      evalExamples: uint(),
+      tokens: uint(),
+      truncated: uint(),
+      dropped: uint(),
+    }),
+  },
+  create_optimizer: {
+    thread: "compute",
+    description: "NanoAdam (maskInterval null: the controller decides refreshes) or AdamW as the baseline.",
+    params: z.strictObject({
+      name: z.enum(["nanoadam", "adamw"]),
+      lr: z.number().gte(0).optional(),
+      betas: z.tuple([z.number(), z.number()]).optional(),
+      eps: z.number().gte(0).optional(),
+      weightDecay: z.number().gte(0).optional(),
+      density: z.number().gt(0).lte(1).optional(),
+      maskInterval: int().min(1).nullable().optional(),
+      densityInterval: int().min(1).nullable().optional(),
+      finalDensity: z.number().gt(0).lte(1).nullable().optional(),
+      totalSteps: int().min(1).nullable().optional(),
+      criterion: Criterion.optional(),
+      momentsOnRefresh: z.enum(["carry", "reset"]).optional(),
+      biasCorrection: z.boolean().optional(),
+      momentsDtype: z.enum(["float32", "bfloat16"]).nullable().optional(),
+      indexDtype: z.enum(["int16", "int32"]).optional(),
+      sparseGradients: z.boolean().optional(),
+      dense: z.array(z.string()).optional().describe("patterns of dense tensors (default lm_head, norm)"),
+      tied: z.enum(["sparse", "dense"]).optional(),
+      seed: int().optional(),
+    }),
+    result: z.strictObject({
+      name: z.string(),
+      groups: z.array(z.strictObject({ sparse: z.boolean(), tensors: uint(), entries: uint() })),
+      stateBytes: uint(),
+    }),
+  },
+  train_step: {
+    thread: "compute",
+    description: "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it.",
+    params: z.strictObject({
+      lr: z.number().gte(0),
+      microBatch: int().min(1).optional(),
+      gradAccum: int().min(1).optional(),
+      gradClip: z.number().gt(0).nullable().optional(),
+      mask: MaskDecision.nullable().optional(),
+    }),
+    result: z.strictObject({
+      step: uint(),
+      loss: z.number(),
+      gradNorm: z.number().nullable(),
+      tokens: uint(),
+      inputTokens: uint(),
+      timeS: z.number(),
+      lr: z.number(),
+      density: z.number().nullable(),
+      maskRefreshed: z.boolean(),
+      epoch: z.number(),
+    }),
+  },
+  set_mask_policy: {
+    thread: "compute",
+    description: "Sets criterion and densities; the masks refresh before the next step (now: at once).",
+    params: MaskDecision.extend({ now: z.boolean().optional() }),
+    result: MaskResult,
+  },
+  refresh_mask: {
+    thread: "compute",
+    description: "Refreshes every mask now from the current weights (with the given or the last decision).",
+    params: z.strictObject({ mask: MaskDecision.nullable().optional() }),
+    result: MaskResult,
+  },
+  get_masks: {
+    thread: "compute",
+    description: "Reads the current masks back: flat int32 indices per tensor, as tensor frames.",
+    params: z.strictObject({ names: z.array(z.string()).optional() }),
+    result: z.strictObject({
+      masks: z.array(z.strictObject({ name: z.string(), numel: uint(), indices: TensorRef })),
+    }),
+  },
+  evaluate: {
+    thread: "compute",
+    description: "Token-mean loss and perplexity on the held-out set.",
+    params: z.strictObject({ batchSize: int().min(1).optional(), maxBatches: int().min(1).optional() }),
+    result: z.strictObject({ loss: z.number(), perplexity: z.number(), tokens: uint(), timeS: z.number(), step: uint() }),
+  },
+  generate: {
+    thread: "compute",
+    description: "Greedy (temperature 0) or sampled continuation of a prompt or chat messages.",
+    params: z.strictObject({
+      prompt: z.union([z.string(), z.array(z.strictObject({ role: z.string(), content: z.string() }))]),
+      maxNewTokens: int().min(1).optional(),
+      temperature: z.number().gte(0).optional(),
+      topP: z.number().gt(0).lte(1).optional(),
+      seed: int().optional(),
+    }),
+    result: z.strictObject({ text: z.string() }),
+  },
+  save_checkpoint: {
+    thread: "compute",
+    description: "Writes model (an HF directory), optimizer, data position, RNG and step atomically.",
+    params: z.strictObject({ path: z.string().min(1), extra: z.record(z.string(), z.unknown()).optional() }),
+    result: z.strictObject({ path: z.string(), step: uint(), timeS: z.number() }),
+  },
+  load_checkpoint: {
+    thread: "compute",
+    description: "Restores a checkpoint into the loaded model, optimizer and data (built the same way).",
+    params: z.strictObject({ path: z.string().min(1) }),
+    result: z.strictObject({ path: z.string(), step: uint(), extra: z.record(z.string(), z.unknown()) }),
+  },
+} as const;
