@@ -13,6 +13,9 @@ export const packr = new Packr({
   // "auto" exists since msgpackr 1.10; its .d.ts lags behind
   int64AsType: "auto" as unknown as "number",
   mapsAsObjects: true,
+  // fixmap for small maps like every other encoder (msgpackr writes map16 otherwise),
+  // so our bytes match the sidecar's: see protocol/vectors/README.md
+  variableMapSize: true,
 });
 
 export const encode = (value: unknown): Buffer => packr.pack(value);

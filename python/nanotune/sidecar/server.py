@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from . import builtin  # noqa: F401  (registers hello, ping, ... debug.*; imports no torch)
 from . import protocol as P
 from .protocol import ErrorCode
 from .registry import DEFERRED, METHODS, Cancelled, Context, SidecarError, State
@@ -94,7 +95,6 @@ class Server:
         self.pull.bind(OUT)
         self._local = threading.local()
         self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
-        from . import builtin  # noqa: F401  (registers hello, ping, ... debug.*; imports no torch)
 
     def _bind(self, endpoint: str) -> str:
         try:
