@@ -124,6 +124,7 @@ export class Sidecar {
   private nextId = 1;
   private dead: SidecarError | null = null; // set when the process is gone or we closed
   private closing: Promise<void> | null = null;
+  private shuttingDown = false; // close() began: an exit now is not a crash
 
   private constructor(
     private readonly child: ChildProcess,
@@ -307,6 +308,7 @@ export class Sidecar {
   private async doClose(): Promise<void> {
     const alive = () => this.child.exitCode === null && this.child.signalCode === null;
     const waitExit = (ms: number) => Promise.race([this.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), ms).unref())]);
+    this.shuttingDown = true;
     if (alive() && !this.dead) {
       await this.request("shutdown", {}, { timeoutMs: CLOSE_STEP_MS }).catch(() => undefined);
     }
@@ -434,6 +436,7 @@ export class Sidecar {
 
   private onExit(exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null) {
     if (this.dead) return;
+    if (this.shuttingDown) return this.kill(new SidecarError("CLOSED", "the sidecar was closed"));
     const stderr = [...this.stderrTail];
     const busy = [...this.pending.values()].map((p) => p.method);
     this.kill(

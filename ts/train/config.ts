@@ -1,0 +1,134 @@
+// The Trainer's options as data: one zod schema validates both `new Trainer({...})`
+// (schedules and policies may be functions there) and `nanotune train config.json`
+// (where they are described as JSON). An unknown or wrong field is an error that
+// names its path, e.g. `optimizer.densty: unknown field`.
+import { z } from "zod";
+import { methods } from "../../protocol/schema.ts";
+import { type MaskPolicy, policies } from "./policies.ts";
+import { type Schedule, type ScheduleLike, schedules } from "./schedules.ts";
+
+type P<M extends keyof typeof methods> = (typeof methods)[M]["params"];
+
+/** load_model's params: a local HF directory or a preset name, and how to load it. */
+export const ModelConfig = z.union([z.string().min(1), (methods.load_model.params as P<"load_model">)]);
+/** load_dataset's params (a bare string is the path). */
+export const DataConfig = z.union([z.string().min(1), (methods.load_dataset.params as P<"load_dataset">)]);
+/** create_optimizer's params (NanoAdam's own interval/schedule options are for Python-only use). */
+export const OptimizerConfig = (methods.create_optimizer.params as P<"create_optimizer">).omit({
+  maskInterval: true,
+  densityInterval: true,
+  finalDensity: true,
+  totalSteps: true,
+});
+
+// ---- schedules and policies as JSON ---------------------------------------------
+
+const num = z.number().refine(Number.isFinite, "must be a finite number");
+export const ScheduleJSON = z.union([
+  num,
+  z.strictObject({ type: z.literal("constant"), value: num }),
+  z.strictObject({ type: z.literal("linear"), from: num, to: num, steps: z.number().int().min(1).optional(), every: z.number().int().min(1).optional() }),
+  z.strictObject({ type: z.literal("cosine"), peak: num, min: num.optional(), warmupSteps: z.number().int().min(0).optional(), steps: z.number().int().min(1).optional() }),
+]);
+export type ScheduleJSON = z.infer<typeof ScheduleJSON>;
+
+export function scheduleFromJSON(s: ScheduleJSON): Schedule {
+  if (typeof s === "number") return schedules.constant(s);
+  switch (s.type) {
+    case "constant":
+      return schedules.constant(s.value);
+    case "linear":
+      return schedules.linear(s.from, s.to, { steps: s.steps, every: s.every });
+    case "cosine":
+      return schedules.cosine(s);
+  }
+}
+
+const policyNames = ["smallWeights", "largeWeights", "random", "largeGrads"] as const;
+export const PolicyJSON = z.strictObject({
+  type: z.enum(policyNames),
+  density: ScheduleJSON,
+  maskInterval: z.number().int().min(1).optional(),
+  perTensor: z.record(z.string(), ScheduleJSON).optional(),
+  include: z.array(z.string()).optional(),
+  exclude: z.array(z.string()).optional(),
+});
+export type PolicyJSON = z.infer<typeof PolicyJSON>;
+
+export function policyFromJSON(p: PolicyJSON): MaskPolicy {
+  const perTensor = p.perTensor && Object.fromEntries(Object.entries(p.perTensor).map(([k, v]) => [k, scheduleFromJSON(v)]));
+  return policies[p.type]({ ...p, density: scheduleFromJSON(p.density), perTensor });
+}
+
+const isFn = (v: unknown): v is (...a: never[]) => unknown => typeof v === "function";
+const ScheduleOption = z.union([ScheduleJSON, z.custom<Schedule>(isFn, "expected a number, a schedule object or a function")]);
+const PolicyOption = z.union([
+  PolicyJSON,
+  z.custom<MaskPolicy>(
+    (v) => typeof v === "object" && v !== null && isFn((v as MaskPolicy).decide) && isFn((v as MaskPolicy).shouldRefresh),
+    "expected a policy object ({type, density, ...}) or a MaskPolicy",
+  ),
+]);
+
+/** Everything a run needs; defaults in one place. */
+export const TrainerConfig = z.strictObject({
+  model: ModelConfig,
+  data: DataConfig,
+  optimizer: OptimizerConfig.default({ name: "nanoadam" }),
+  /** Optimizer steps to run. */
+  steps: z.number().int().min(1),
+  /** Examples per micro-batch (default 1). */
+  microBatch: z.number().int().min(1).default(1),
+  /** Micro-batches per optimizer step (default 1). */
+  gradAccum: z.number().int().min(1).default(1),
+  /** Learning rate: a number, a schedule object or a Schedule function. */
+  lr: ScheduleOption,
+  /** Max global gradient norm (null: no clipping). */
+  gradClip: z.number().positive().nullable().default(null),
+  /** NanoAdam's mask policy (default: smallWeights at the optimizer's density, maskInterval 100). */
+  maskPolicy: PolicyOption.optional(),
+  /** Evaluate on the held-out set every this many steps (0: never; needs data.evalFraction or evalPath). */
+  evalEvery: z.number().int().min(0).default(0),
+  /** Save a checkpoint every this many steps (0: never; the last step is saved when runDir is set). */
+  checkpointEvery: z.number().int().min(0).default(0),
+  /** Directory for config.json, metrics.jsonl and checkpoints/ (null: write nothing). */
+  runDir: z.string().nullable().default(null),
+  /** Resume from this checkpoint directory: its weights, optimizer state, data position and step win; this config wins for everything else (schedules, policy, steps, eval and checkpoint cadence). */
+  resumeFrom: z.string().nullable().default(null),
+  /** Progress bar on stderr (default: when stderr is a TTY). */
+  progress: z.boolean().optional(),
+});
+export type TrainerOptions = z.input<typeof TrainerConfig>;
+export type ResolvedTrainerConfig = z.output<typeof TrainerConfig>;
+
+/** Parses options or a JSON config; throws a ConfigError naming every wrong field. */
+export function parseConfig(input: unknown, source = "options"): ResolvedTrainerConfig {
+  const r = TrainerConfig.safeParse(input);
+  if (!r.success) throw new ConfigError(source, r.error);
+  return r.data;
+}
+
+export class ConfigError extends Error {
+  readonly code = "INVALID_CONFIG";
+  readonly issues: { path: string; message: string }[];
+  constructor(source: string, error: z.ZodError) {
+    const issues = error.issues.map((i) => ({ path: i.path.map(String).join(".") || "(root)", message: describeIssue(i) }));
+    super(`${source}: ${issues.map((i) => `${i.path}: ${i.message}`).join("; ")}`, { cause: error });
+    this.name = "ConfigError";
+    this.issues = issues;
+  }
+}
+
+function describeIssue(i: z.core.$ZodIssue): string {
+  if (i.code === "unrecognized_keys") return `unknown field${i.keys.length > 1 ? "s" : ""} ${i.keys.map((k) => `'${k}'`).join(", ")}`;
+  return i.message;
+}
+
+export function toScheduleOption(s: ResolvedTrainerConfig["lr"]): Schedule {
+  return typeof s === "function" ? s : scheduleFromJSON(s as ScheduleJSON);
+}
+
+export function toPolicy(p: ResolvedTrainerConfig["maskPolicy"], defaultDensity: ScheduleLike): MaskPolicy {
+  if (p === undefined) return policies.smallWeights({ density: defaultDensity });
+  return "decide" in p ? (p as MaskPolicy) : policyFromJSON(p as PolicyJSON);
+}
