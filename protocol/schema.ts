@@ -8,6 +8,7 @@
 // regenerate schema.json, then add the msgspec Structs and a `@method` handler
 // on the Python side (see python/nanotune/sidecar/registry.py).
 import { z } from "zod";
+import { trainingMethods } from "./training.ts";
 
 /** Bumped on any incompatible change to the envelope or a method's params/result. */
 export const PROTOCOL_VERSION = 1;
@@ -154,6 +155,7 @@ export const methods = {
     params: z.strictObject({ key: z.string(), value: z.unknown().optional() }),
     result: z.strictObject({ previous: z.unknown() }),
   },
+  ...trainingMethods(TensorRef),
 } as const satisfies Record<string, { thread: "io" | "compute"; description: string; params: z.ZodType; result: z.ZodType }>;
 export type MethodName = keyof typeof methods;
 

@@ -5,7 +5,6 @@ import { z } from "zod";
 
 const int = () => z.number().int();
 const uint = () => z.number().int().nonnegative();
-const TensorRef = z.strictObject({ dtype: z.string(), shape: z.array(uint()), frame: uint() });
 
 export const Criterion = z.enum(["small_weights", "large_weights", "random", "large_grads"]);
 
@@ -25,13 +24,14 @@ export const MaskDecision = z
 
 const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() });
 
-export const trainingMethods = {
+/** The methods; schema.ts passes its TensorRef in (a function, so the two files do not import each other). */
+export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   load_model: {
     thread: "compute",
     description: "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run.",
     params: z.strictObject({
       path: z.string().min(1).describe("a local HF model directory or a preset name"),
-      dtype: z.enum(["float32", "bfloat16", "float16"]).nullable().optional().describe("default: bf16 on CUDA, fp32 on CPU"),
+      dtype: z.enum(["float32", "bfloat16", "float16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU"),
       device: z.string().optional().describe('"auto" (default), "cpu", "cuda", "cuda:1"'),
       gradientCheckpointing: z.boolean().optional(),
       seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
@@ -80,14 +80,14 @@ export const trainingMethods = {
       eps: z.number().gte(0).optional(),
       weightDecay: z.number().gte(0).optional(),
       density: z.number().gt(0).lte(1).optional(),
-      maskInterval: int().min(1).nullable().optional(),
-      densityInterval: int().min(1).nullable().optional(),
-      finalDensity: z.number().gt(0).lte(1).nullable().optional(),
-      totalSteps: int().min(1).nullable().optional(),
+      maskInterval: int().min(1).optional(),
+      densityInterval: int().min(1).optional(),
+      finalDensity: z.number().gt(0).lte(1).optional(),
+      totalSteps: int().min(1).optional(),
       criterion: Criterion.optional(),
       momentsOnRefresh: z.enum(["carry", "reset"]).optional(),
       biasCorrection: z.boolean().optional(),
-      momentsDtype: z.enum(["float32", "bfloat16"]).nullable().optional(),
+      momentsDtype: z.enum(["float32", "bfloat16"]).optional(),
       indexDtype: z.enum(["int16", "int32"]).optional(),
       sparseGradients: z.boolean().optional(),
       dense: z.array(z.string()).optional().describe("patterns of dense tensors (default lm_head, norm)"),
@@ -107,8 +107,8 @@ export const trainingMethods = {
       lr: z.number().gte(0),
       microBatch: int().min(1).optional(),
       gradAccum: int().min(1).optional(),
-      gradClip: z.number().gt(0).nullable().optional(),
-      mask: MaskDecision.nullable().optional(),
+      gradClip: z.number().gt(0).optional(),
+      mask: MaskDecision.optional(),
     }),
     result: z.strictObject({
       step: uint(),
@@ -120,7 +120,8 @@ export const trainingMethods = {
       lr: z.number(),
       density: z.number().nullable(),
       maskRefreshed: z.boolean(),
-      epoch: z.number(),
+      epoch: z.number().describe("epochs of training data read so far"),
+      stateBytes: uint().describe("bytes of optimizer state after the step"),
     }),
   },
   set_mask_policy: {
@@ -132,7 +133,7 @@ export const trainingMethods = {
   refresh_mask: {
     thread: "compute",
     description: "Refreshes every mask now from the current weights (with the given or the last decision).",
-    params: z.strictObject({ mask: MaskDecision.nullable().optional() }),
+    params: z.strictObject({ mask: MaskDecision.optional() }),
     result: MaskResult,
   },
   get_masks: {
@@ -173,4 +174,4 @@ export const trainingMethods = {
     params: z.strictObject({ path: z.string().min(1) }),
     result: z.strictObject({ path: z.string(), step: uint(), extra: z.record(z.string(), z.unknown()) }),
   },
-} as const;
+}) as const;

@@ -134,7 +134,7 @@ export async function runDemo(opts: { runDir?: string; steps?: number; progress?
       { step: Math.floor(steps / 2) - 1, policy: () => policies.random({ density: 0.1, maskInterval: 50 }) },
     );
     const sample = await sidecar.call("generate", { prompt: "### Instruction:\nDouble 21.\n\n### Response:\n", maxNewTokens: 8 });
-    say(`\nsample after finetuning: "Double 21." -> ${JSON.stringify(sample.text.trim())}`);
+    say(`\nsample after finetuning: "Double 21." -> ${JSON.stringify(sample.text.trim())} (expected "42"; the model has 125k parameters)`);
   } finally {
     await sidecar.close();
   }

@@ -195,6 +195,7 @@ class Session:
         out = train_step(lm.model, opt, batches, lr, grad_clip=grad_clip)
         out["step"] = self.step
         out["epoch"] = self.batches.epoch + self.batches.index / max(1, len(data.train))
+        out["state_bytes"] = opt.state_bytes() if hasattr(opt, "state_bytes") else _state_bytes(opt)
         self.step += 1
         return out
 

@@ -35,7 +35,8 @@ class OptimizerError(ValueError):
 
 def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any) -> torch.optim.Optimizer:
     """name="nanoadam": NanoAdam over nanoadam_param_groups(model, dense=...);
-    opts are NanoAdam's keyword arguments plus `dense` (default ("lm_head", "norm")).
+    opts are NanoAdam's keyword arguments plus `dense` (default ("lm_head", "norm"))
+    and `tied` ("sparse" or "dense", see Note [tied tensors] in optim.py).
     name="adamw": torch.optim.AdamW over the trainable parameters (the dense
     baseline); opts are AdamW's, with weight_decay defaulting to 0.0 like NanoAdam
     (torch's own default is 0.01). An unknown option raises OptimizerError naming it."""
@@ -47,8 +48,9 @@ def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any
         from .optim import NanoAdam, nanoadam_param_groups  # lazy: the sidecar loads without it
 
         dense = opts.pop("dense", ("lm_head", "norm"))
+        tied = opts.pop("tied", "sparse")
         _check_options(NanoAdam, opts, name)
-        return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense)), **opts)
+        return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense), tied=tied), **opts)
     raise OptimizerError(f"optimizer name {name!r} is not 'nanoadam' or 'adamw'", "name")
 
 

@@ -1,5 +1,6 @@
 """The Python models against protocol/schema.json (generated from protocol/schema.ts),
 and the golden vectors in protocol/vectors/ decoded and re-encoded bit-exactly."""
+import importlib
 import json
 import pathlib
 
@@ -9,7 +10,10 @@ import pytest
 
 from nanotune.sidecar import protocol as P
 from nanotune.sidecar.registry import EVENTS, METHODS
-from nanotune.sidecar.server import Server  # noqa: F401  (imports the builtin methods)
+from nanotune.sidecar.server import Server, _method_modules  # noqa: F401  (imports the builtin methods)
+
+for _module in _method_modules():  # and the method modules the sidecar loads at start
+    importlib.import_module(_module)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "protocol" / "schema.json").read_text())
@@ -29,6 +33,8 @@ def norm_json(s: dict) -> str:
     if "const" in s:
         return f"const({s['const']!r})"
     t = s.get("type")
+    if isinstance(t, list):  # {"type": ["number", "null"]}: zod's nullable scalars
+        return "|".join(sorted(norm_json({**s, "type": x}) for x in t))
     if "enum" in s:
         return "enum(" + ",".join(sorted(map(str, s["enum"]))) + ")"
     if t == "integer":
@@ -41,6 +47,8 @@ def norm_json(s: dict) -> str:
         return "bool"
     if t == "null":
         return "null"
+    if t == "array" and "prefixItems" in s:
+        return "tuple[" + ",".join(norm_json(x) for x in s["prefixItems"]) + "]"
     if t == "array":
         return f"list[{norm_json(s['items'])}]"
     if t == "object":
@@ -74,6 +82,8 @@ def norm_py(t: mi.Type, inline_tensor_ref: bool = False) -> str:
         return simple[type(t)]
     if isinstance(t, mi.ListType):
         return f"list[{norm_py(t.item_type)}]"
+    if isinstance(t, mi.TupleType):
+        return "tuple[" + ",".join(norm_py(x) for x in t.item_types) + "]"
     raise AssertionError(f"msgspec type not understood: {t}")
 
 

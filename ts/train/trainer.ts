@@ -75,7 +75,8 @@ export class Trainer {
       const model = await this.sidecar.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, call);
       const data = await this.sidecar.call("load_dataset", typeof cfg.data === "string" ? { path: cfg.data } : cfg.data, call);
       const { name, ...optOpts } = cfg.optimizer;
-      const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts, ...(name === "nanoadam" ? { maskInterval: null } : {}) }, call);
+      // NanoAdam without maskInterval refreshes only when told: this loop decides.
+      const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts }, call);
       if (cfg.resumeFrom) {
         const resumed = await this.sidecar.call("load_checkpoint", { path: resolve(cfg.resumeFrom) }, call);
         step = resumed.step;
@@ -88,7 +89,7 @@ export class Trainer {
         if (signal?.aborted) break;
         const mask = this.decideMask(step);
         const lr = this.lr(step, cfg.steps);
-        const r = await this.sidecar.call("train_step", { lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip, mask }, call);
+        const r = await this.sidecar.call("train_step", { lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask }, call);
         lastLoss = r.loss;
         if (mask) this.lastDecision = mask;
         yield emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });

@@ -1,0 +1,2 @@
+"""Sidecar method modules: every module here is imported when the sidecar starts
+(see nanotune.sidecar.registry)."""
