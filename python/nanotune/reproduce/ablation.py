@@ -1,0 +1,120 @@
+"""Reproduction 2: which entries to update, under equal budgets (PAPER.md, Ablations).
+
+The paper (BERT-base on SST-2, k0 = 1%, m = 131): small weights > random >
+large weights; small weights converge faster than largest-gradient selection
+and tolerate lr 1e-3 where largest-gradient selection diverges.
+
+Here: NanoAdam finetuning the Lab's pretrained model (corpus A) on corpus B
+with criterion small_weights / large_weights / random / large_grads, all at the
+same density, mask interval, lr, steps and batches; then small_weights and
+large_grads again at a higher lr. Scores: held-out loss on B (learned) and on
+A (retained), and the l2 distance from the pretrained weights. The head is
+tied to the embedding and stays sparse (nanoadam_param_groups' default); only
+the norms are dense.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nanotune.optim import CRITERIA
+from nanotune.reproduce.lab import Lab, LabConfig, Run, fmt, pyplot
+
+LR = 3e-3  # the middle of continual.NANOADAM_LRS, so the small_weights runs are shared
+HIGH_LR = 1e-2  # the top of that sweep
+HIGH_CRITERIA = ("small_weights", "large_grads")
+
+
+def run(lab: Lab, lr: float = LR, high_lr: float | None = HIGH_LR) -> dict:
+    lab.prepare()
+    lab.log(f"ablation: NanoAdam density {lab.cfg.density:g}, mask every {lab.cfg.mask_interval} steps, "
+            f"lr {lr:g} (and {high_lr:g} for {', '.join(HIGH_CRITERIA)})")
+    runs = [lab.finetune("nanoadam", lr, c) for c in CRITERIA]
+    if high_lr is not None:
+        runs += [lab.finetune("nanoadam", high_lr, c) for c in HIGH_CRITERIA]
+    return {"experiment": "ablation", "lr": lr, "high_lr": high_lr, "density": lab.cfg.density,
+            "mask_interval": lab.cfg.mask_interval, "steps": lab.cfg.finetune_steps,
+            "pretrained": lab.info["pretrain"], "runs": [vars(r) | {"label": r.label} for r in runs],
+            "lab": lab.info, "config": lab.config()}
+
+
+def _at(r: dict, step: int) -> float:
+    """Held-out B loss at the curve point nearest `step`, NaN when the run stopped before it."""
+    if r["diverged_at"] is not None and r["diverged_at"] < step:
+        return float("nan")
+    i = min(range(len(r["steps"])), key=lambda j: abs(r["steps"][j] - step))
+    return r["b_loss"][i]
+
+
+def markdown(result: dict) -> str:
+    early = result["steps"] // 3
+    pre = result["pretrained"]
+    lines = [
+        "# 2. Ablation: which entries NanoAdam updates, equal budgets",
+        "",
+        f"Finetuning the model pretrained on corpus A (Moby-Dick) on corpus B (SpamAssassin bodies), "
+        f"{result['steps']} steps, density {result['density']:.0%} of every sparse tensor, mask refreshed every "
+        f"{result['mask_interval']} steps, same batches for every run. Held-out loss (nats/token; lower is better). "
+        f"Before finetuning: B {pre['b_heldout_loss']:.3f}, A {pre['a_heldout_loss']:.3f}.",
+        "",
+        f"| criterion | lr | B loss at step ~{early} | B learned (final) | A retained (final) | l2 from pretrained |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        f = r["final"]
+        note = f" (diverged at step {r['diverged_at']})" if r["diverged_at"] is not None else ""
+        lines.append(f"| {r['criterion']}{note} | {r['lr']:g} | {fmt(_at(r, early))} | {fmt(f['b_loss'])} | "
+                     f"{fmt(f['a_loss'])} | {f['l2_all']:.2f} |")
+    base = {r["criterion"]: r["final"]["b_loss"] for r in result["runs"] if r["lr"] == result["lr"]}
+    order = sorted(base, key=lambda c: (base[c] != base[c], base[c]))  # NaN (diverged) last
+    lines += ["", f"Order at lr {result['lr']:g} by B learned (best first): " + " > ".join(order) + ".",
+              "Paper (BERT-base SST-2, k0 = 1%): small_weights > random > large_weights; small_weights "
+              "converges faster than large_grads and tolerates lr 1e-3 where large_grads diverges."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    colours = {"small_weights": "tab:blue", "large_weights": "tab:orange", "random": "tab:green",
+               "large_grads": "tab:red"}
+    lrs = [result["lr"]] + ([result["high_lr"]] if result["high_lr"] is not None else [])
+    fig, axes = plt.subplots(1, 2 * len(lrs), figsize=(4.4 * 2 * len(lrs), 3.8), squeeze=False)
+    for i, lr in enumerate(lrs):
+        for j, (key, name) in enumerate((("b_loss", "B learned (held-out B)"), ("a_loss", "A retained (held-out A)"))):
+            ax = axes[0][2 * i + j]
+            for r in result["runs"]:
+                if r["lr"] == lr:
+                    ax.plot(r["steps"], r[key], color=colours[r["criterion"]], label=r["criterion"], lw=1.3)
+            ax.set(xlabel="finetuning step", ylabel="loss (nats/token)", title=f"{name}, lr {lr:g}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    md += "\n![held-out loss curves per criterion](ablation.png)\n" if plot(
+        result, out / "ablation.png") else "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
+    (out / "ablation.md").write_text(md)
+
+
+def main(argv=None, lab: Lab | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (tests)")
+    args = p.parse_args(argv)
+    lab = lab or Lab(LabConfig.quick() if args.quick else LabConfig())
+    write(run(lab), args.out)
+    print(f"wrote {args.out / 'ablation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
