@@ -88,13 +88,14 @@ describe("Trainer", () => {
       if (ev.type !== "train:step" || ev.step < 24 || ev.step > 27) return;
       const { masks } = await sc.call("get_masks", {});
       sizes[ev.step] = Object.fromEntries(masks.map((m) => [m.name, m.indices.shape[0]!]));
-      masksAt[ev.step] = Object.fromEntries(masks.map((m) => [m.name, new Int32Array(m.indices.data as Int32Array)]));
+      masksAt[ev.step] = Object.fromEntries(masks.map((m) => [m.name, Int32Array.from(m.indices.toArray() as Int32Array)]));
       if (ev.step === 25) trainer.setMaskPolicy(policies.largeWeights({ density: 0.05, maskInterval: 1000 }));
     });
     const refreshed = events.filter((e) => e.type === "mask:refreshed").map((e) => [e.step, e.type === "mask:refreshed" && e.policy]);
     expect(refreshed).toEqual([[0, "smallWeights"], [26, "largeWeights"]]);
     const name = "model.layers.0.mlp.up_proj.weight";
     expect(sizes[25]![name]).toBe(sizes[24]![name]);
+    expect(masksAt[25]![name]!.length).toBe(sizes[25]![name]);
     expect(masksAt[25]![name]).toEqual(masksAt[24]![name]); // step 25 still on the old mask
     expect(sizes[26]![name]).toBeCloseTo(sizes[25]![name]! / 2, -1); // 5% instead of 10%
     expect(masksAt[27]![name]).toEqual(masksAt[26]![name]);
