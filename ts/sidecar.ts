@@ -332,14 +332,21 @@ export class Sidecar {
 
   /** zeromq.js allows one send in flight per socket; this keeps the rest in order. */
   private send(parts: Uint8Array[]): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.outbox.push({ parts, resolve, reject });
-      if (!this.sending) void this.flush();
-    });
+    if (!this.sending) {
+      // fast path (every call when calls do not overlap): no queue entry, no extra promise
+      this.sending = true;
+      const sent = this.socket.send(parts);
+      void sent.then(
+        () => this.flush(),
+        () => this.flush(),
+      );
+      return sent;
+    }
+    return new Promise((resolve, reject) => this.outbox.push({ parts, resolve, reject }));
   }
 
+  /** Sends what queued up while a send was in flight, in order. */
   private async flush() {
-    this.sending = true;
     for (let m = this.outbox.shift(); m; m = this.outbox.shift()) {
       try {
         await this.socket.send(m.parts);

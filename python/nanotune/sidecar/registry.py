@@ -32,7 +32,6 @@ the modules named in NANOTUNE_SIDECAR_MODULES (comma separated).
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -132,12 +131,14 @@ class Context:
         self.identity = identity  # the ZeroMQ routing id of the caller (events go there)
         self.frames = frames  # raw frames after the envelope (zmq.Frame)
         self.started = time.monotonic()
-        self.cancelled = threading.Event()  # set by `cancel`, AbortSignal or timeout on the client
+        # Set by `cancel` (the client's cancel call, AbortSignal or timeout) on the I/O
+        # thread, read here: a plain bool, as an Event per request costs 1.5 us on ping.
+        self.cancelled = False
 
     def check_cancelled(self) -> None:
         """Raises Cancelled if this call was cancelled. Call it between units of work
         (each step, each batch); it costs one Event.is_set()."""
-        if self.cancelled.is_set():
+        if self.cancelled:
             raise Cancelled()
 
     def emit(self, name: str, data: msgspec.Struct | dict[str, Any]) -> None:
