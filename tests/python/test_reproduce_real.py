@@ -91,17 +91,18 @@ def test_quick_run_writes_every_artefact(tmp_path):
         json.loads((tmp_path / f"{name}.json").read_text())
     ablation = json.loads((tmp_path / "ablation.json").read_text())
     assert [(r["criterion"], r["lr"]) for r in ablation["runs"]] == [
-        ("small_weights", 3e-3), ("large_weights", 3e-3), ("random", 3e-3), ("large_grads", 3e-3),
-        ("small_weights", 1e-2), ("large_grads", 1e-2)]
+        ("small_weights", 1e-3), ("large_weights", 1e-3), ("random", 1e-3), ("large_grads", 1e-3),
+        ("small_weights", 3e-3), ("large_grads", 3e-3)]
     for r in ablation["runs"]:
         assert r["steps"][0] == 0 and r["steps"][-1] == LabConfig.quick().finetune_steps
         assert len(r["train_loss"]) == LabConfig.quick().finetune_steps and r["final"]["l2_all"] > 0
     continual = json.loads((tmp_path / "continual.json").read_text())
     sweep = continual["sweep"]
     assert [r["lr"] for r in sweep["adamw"]] == [1e-4, 3e-4, 1e-3]
-    assert continual["best"]["nanoadam"]["final"]["b_loss"] == min(r["final"]["b_loss"] for r in sweep["nanoadam"])
+    best = continual["best"]["nanoadam"]["final"]["avg_loss"]
+    assert best == min(r["final"]["avg_loss"] for r in sweep["nanoadam"])
     # The small-weights runs of the ablation are the continual sweep's NanoAdam runs, computed once.
-    assert sweep["nanoadam"][1]["train_loss"] == ablation["runs"][0]["train_loss"]
+    assert sweep["nanoadam"][2]["train_loss"] == ablation["runs"][0]["train_loss"]
     ov = json.loads((tmp_path / "star.json").read_text())["overlap"]
     assert set(ov) == {"finetune", "scratch"} and all(0 <= v["mean_blocks"] <= 1 for v in ov["finetune"].values())
     assert "| mean of the" in (tmp_path / "star.md").read_text()

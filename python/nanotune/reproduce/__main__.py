@@ -35,7 +35,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # One thread: the CPU is shared (other jobs), and two intra-op threads on a busy
     # 2-core machine stalled each other (5x slower per step); the toy is tiny anyway.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests) keep theirs
+
+
+def _run(args) -> int:
     lab = Lab(LabConfig.quick() if args.quick else LabConfig(), cache=args.out / "cache",
               log=lambda s: print(s, flush=True), reuse=args.reuse_pretrained)
     experiments = {

@@ -79,7 +79,7 @@ def capture(lab: Lab, pretrained: bool, lr: float, steps: tuple[int, ...]) -> di
     return out
 
 
-def run(lab: Lab, steps: tuple[int, ...] | None = None, lr: float = 1e-3) -> dict:
+def run(lab: Lab, steps: tuple[int, ...] | None = None, lr: float = 3e-4) -> dict:
     lab.prepare()
     if steps is None:
         last = min(100, lab.cfg.finetune_steps - 1)
