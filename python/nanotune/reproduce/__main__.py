@@ -31,7 +31,6 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-pretrained", action="store_true",
                    help="load <out>/cache/pretrained when it was built with the same settings (development)")
     args = p.parse_args(argv)
-    chosen = [n for n in NAMES if args.only is None or n in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     # One thread: the CPU is shared (other jobs), and two intra-op threads on a busy
     # 2-core machine stalled each other (5x slower per step); the toy is tiny anyway.
@@ -44,6 +43,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    chosen = [n for n in NAMES if args.only is None or n in args.only]
     lab = Lab(LabConfig.quick() if args.quick else LabConfig(), cache=args.out / "cache",
               log=lambda s: print(s, flush=True), reuse=args.reuse_pretrained)
     experiments = {
