@@ -6,8 +6,11 @@ export default defineConfig({
   root: fileURLToPath(new URL("../..", import.meta.url)),
   test: {
     include: ["tests/ts/**/*.test.ts"],
-    // Integration tests start real sidecar processes (torch import takes seconds).
-    testTimeout: 60_000,
-    hookTimeout: 60_000,
+    // Integration tests start real sidecar processes (torch import takes seconds) and
+    // train for real; on a 2-core machine files run one at a time so the latency
+    // checks of the bridge tests do not compete with another file's training.
+    testTimeout: 180_000,
+    hookTimeout: 120_000,
+    fileParallelism: false,
   },
 });
