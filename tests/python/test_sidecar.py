@@ -17,6 +17,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")]))}
 
 
+def alive(pid):
+    """Whether pid runs; a zombie (exited, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def start(tmp_path, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanotune.sidecar", "--endpoint", f"ipc://{tmp_path}/s.sock", "--device", "cpu", *extra],
@@ -60,7 +72,7 @@ def sidecar(tmp_path_factory):
     proc, endpoint = start(tmp_path_factory.mktemp("sidecar"))
     client = Client(endpoint)
     yield proc, client
-    client.call("shutdown")
+    assert client.call("shutdown")[0]["result"] == {}
     assert proc.wait(10) == 0
     client.sock.close()
 
@@ -141,9 +153,7 @@ def test_it_exits_when_the_parent_dies(tmp_path):
     parent.wait()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not alive(pid):
             break
         time.sleep(0.02)
     else:

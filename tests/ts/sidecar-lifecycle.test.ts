@@ -1,18 +1,23 @@
 // Process lifecycle: version mismatch at start, crash of the sidecar, death of the
 // Node parent, close(). Each test owns its sidecar; processes are checked by pid.
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { PROTOCOL_VERSION, Sidecar, SidecarError } from "../../ts/index.ts";
 
+/** Whether pid runs; a zombie (exited, not yet reaped by whoever adopted it) counts as gone. */
 const alive = (pid: number) => {
   try {
     process.kill(pid, 0);
-    return true;
   } catch {
     return false;
+  }
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return true; // no procfs: trust kill(0)
   }
 };
 /** ms until pid is gone (polls every 20 ms, gives up after `limit`). */

@@ -87,8 +87,14 @@ def debug_busy(ctx: Context, p: P.DebugBusyParams):
 
 @method("debug.echo", params=P.DebugEchoParams, result=P.DebugEchoResult, thread="io")
 def debug_echo(ctx: Context, p: P.DebugEchoParams):
-    tensor = ctx.tensor(p.tensor) if p.tensor is not None else None
-    return P.DebugEchoResult(value=p.value, tensor=tensor)
+    def answer() -> P.DebugEchoResult:
+        tensor = ctx.tensor(p.tensor) if p.tensor is not None else None
+        return P.DebugEchoResult(value=p.value, tensor=tensor)
+
+    if p.tensor is not None and not ctx.server.ready.is_set():
+        # torch is still being imported by the warm-up; do not block the I/O thread on it
+        return ctx.server.defer(ctx, lambda: (ctx.server.ready.wait(), answer())[1])
+    return answer()
 
 
 @method("debug.store", params=P.DebugStoreParams, result=P.DebugStoreResult)

@@ -18,6 +18,7 @@ long C call (one huge matmul) short, only what follows it.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import importlib
 import logging
 import os
@@ -87,8 +88,12 @@ class Server:
         self.current: Job | None = None  # the running compute job (I/O thread's view)
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.stopping = False
-        self.zctx = zmq.Context.instance()
-        self.router = self.zctx.socket(zmq.ROUTER)
+        self.zctx = zmq.Context.instance()  # inproc sockets between our threads
+        # The ROUTER gets a context of its own so that exiting can term() it, which is
+        # what waits for the last replies (shutdown's) to leave; the shared context
+        # cannot be term()ed while the compute thread holds its PUSH socket.
+        self.router_ctx = zmq.Context()
+        self.router = self.router_ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.endpoint = self._bind(endpoint)
         self.pull = self.zctx.socket(zmq.PULL)
@@ -177,7 +182,11 @@ class Server:
                 # up to 1000 messages, then let the PULL side have a turn; ZMQ_EVENTS is
                 # cheaper than a NOBLOCK recv that raises zmq.Again (several us on ping)
                 for _ in range(1000):
-                    self._handle(self.router.recv_multipart(copy=False))
+                    parts = self.router.recv_multipart(copy=False)
+                    try:
+                        self._handle(parts)
+                    except Exception:  # noqa: BLE001  a bug of ours must not take the sidecar down
+                        log.exception("dropped a request that could not be answered (%d frames)", len(parts))
                     if self.stopping or not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
             now = time.monotonic()
@@ -231,7 +240,7 @@ class Server:
         envelope, frames = rest[0].bytes, rest[1:]
         try:
             req = _request_decoder.decode(envelope)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        except Exception as e:  # noqa: BLE001  ValidationError, DecodeError, UnicodeDecodeError (bad utf-8), ...
             self._reject_envelope(identity, envelope, e)
             return
         if req.v != P.PROTOCOL_VERSION and req.method != "hello":
@@ -252,7 +261,7 @@ class Server:
         if m is not None:
             try:
                 params = m.decoder.decode(req.params)
-            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            except Exception as e:  # noqa: BLE001  as above
                 field, why = _field_of(e, "params")
                 self._reject(identity, req.id, ErrorCode.INVALID_PARAMS, f"{req.method}: invalid params at {field}: {why}", {"field": field})
                 return
@@ -285,7 +294,7 @@ class Server:
             raw = _any_decoder.decode(envelope)
         except Exception:  # noqa: BLE001
             raw = None
-            why = f"the envelope is not valid msgpack ({e})"
+            why = f"the envelope is not valid msgpack ({type(e).__name__}: {e})"
         else:
             if isinstance(raw, dict):
                 if isinstance(raw.get("id"), int) and not isinstance(raw.get("id"), bool) and raw["id"] >= 0:
@@ -431,6 +440,7 @@ def main(endpoint: str, device: str, parent_pid: int | None) -> None:
     logging.basicConfig(level=os.environ.get("NANOTUNE_LOG", "WARNING").upper(), stream=sys.stderr,
                         format="[sidecar %(process)d] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack on stderr
     _die_with_parent()
     server = Server(endpoint, device, parent_pid)
 
@@ -443,8 +453,12 @@ def main(endpoint: str, device: str, parent_pid: int | None) -> None:
     sys.stdout.flush()
     try:
         server.serve()
+    except BaseException:
+        log.exception("the I/O loop failed; exiting")
+        raise
     finally:
-        server.router.close(linger=1000)  # flush the last replies (shutdown's)
+        server.router.close(linger=1000)
+        server.router_ctx.term()  # returns once the last replies are sent, or after 1 s
         if server.endpoint.startswith("ipc://"):
             try:
                 os.unlink(server.endpoint[len("ipc://"):])
