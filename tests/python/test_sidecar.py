@@ -131,6 +131,17 @@ def test_undecodable_envelopes_are_answered_without_an_id(sidecar):
     assert c.call("ping")[0]["result"] == {}
 
 
+def test_random_bytes_each_get_an_error_reply_and_the_sidecar_keeps_serving(sidecar):
+    _, c = sidecar
+    rng = np.random.default_rng(1)
+    n = 2000
+    for _ in range(n):
+        c.sock.send_multipart([rng.bytes(int(rng.integers(0, 80))) for _ in range(int(rng.integers(1, 3)))])
+    codes = [msgspec.msgpack.decode(c.sock.recv_multipart()[0])["error"]["code"] for _ in range(n)]
+    assert set(codes) <= {"INVALID_REQUEST", "INVALID_PARAMS", "UNKNOWN_METHOD", "PROTOCOL_MISMATCH"}
+    assert c.call("ping")[0]["result"] == {}
+
+
 def test_a_tensor_round_trips_bit_exact(sidecar):
     _, c = sidecar
     a = np.random.default_rng(0).integers(0, 2**32, size=(1024, 1024), dtype=np.uint32).view(np.float32)

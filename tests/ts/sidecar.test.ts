@@ -157,7 +157,13 @@ describe("Sidecar", () => {
     const N = 1000;
     const sent: RegExp[] = [];
     for (let i = 0; i < N; i++) {
-      const c = cases[i % cases.length]!();
+      // a third random bytes (1-3 frames), a third truncated envelopes, a third the cases above
+      const c =
+        i % 3 === 0
+          ? { frames: Array.from({ length: 1 + rnd(3) }, () => randomBytes(rnd(80))), expect: /./ }
+          : i % 3 === 1
+            ? cases[1]!()
+            : cases[rnd(cases.length)]!();
       sent.push(c.expect);
       await raw.send(c.frames);
     }
