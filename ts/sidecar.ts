@@ -1,6 +1,13 @@
 // The TS side of the bridge: starts `python -m nanotune.sidecar`, talks to it over a
 // ZeroMQ DEALER with msgpack envelopes (protocol/schema.ts), and makes sure the
 // process never outlives us. See DESIGN.md "Wire rules".
+//
+// Concurrency: calls may overlap; "io" methods (ping, status, cancel, ...) are answered
+// at once, but the sidecar runs one "compute" call at a time and answers a second one
+// with BUSY instead of queueing it.
+// Parent death: the sidecar asks Linux for SIGTERM when the thread that spawned it
+// exits (PR_SET_PDEATHSIG) and also polls our pid. Start it from the main thread: a
+// Sidecar started in a worker_thread dies with that thread.
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
