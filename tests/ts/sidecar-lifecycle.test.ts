@@ -74,11 +74,11 @@ describe("Sidecar lifecycle", () => {
       }
       return "ended";
     })();
-    const pending = sc.call("debug.busy", { seconds: 30 });
+    const pending = sc.call("debug.busy", { seconds: 30 }).catch((e: unknown) => e);
     await sc.close();
     expect(alive(pid)).toBe(false);
     expect(await ended).toBe("ended");
-    expect(((await pending.catch((e) => e)) as SidecarError).code).toBe("CLOSED");
+    expect(((await pending) as SidecarError).code).toBe("CLOSED");
     expect(existsSync(socketDir)).toBe(false);
     expect(((await sc.call("ping", {}).catch((e) => e)) as SidecarError).code).toBe("CLOSED");
     await sc.close(); // idempotent
