@@ -49,13 +49,13 @@ ensure("node_modules/.nanotune-stamp", stampOf(["package.json", "package-lock.js
 
 if (process.env.NANOTUNE_PYTHON) {
   // Used as is: only check that it can run the sidecar.
-  const r = spawnSync(pythonExecutable(), ["-c", "import torch, transformers, zmq, msgpack, msgspec"], {
+  const r = spawnSync(pythonExecutable(), ["-c", "import torch, transformers, zmq, msgspec"], {
     stdio: "inherit",
     env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
   });
   if (r.status !== 0) {
     console.error(
-      `[setup] NANOTUNE_PYTHON=${process.env.NANOTUNE_PYTHON} cannot import torch, transformers, zmq, msgpack and msgspec; ` +
+      `[setup] NANOTUNE_PYTHON=${process.env.NANOTUNE_PYTHON} cannot import torch, transformers, zmq and msgspec; ` +
         `install them there (pip install -e .) or unset NANOTUNE_PYTHON to use .venv`,
     );
     process.exit(1);
