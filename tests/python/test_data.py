@@ -193,7 +193,7 @@ def test_shuffle_is_seeded_and_every_epoch_covers_all(tiny_tokenizer, write_json
     c = load_dataset(path, tiny_tokenizer, seed=4).train.batches(4)
     assert a.order(0) == b.order(0) != c.order(0) and a.order(0) != a.order(1)
     assert a.order(0) != list(range(10))
-    sizes, seen = [], []
+    sizes = []
     for _ in range(3):  # 4 + 4 + 2 = one epoch; a batch never spans two epochs
         batch = next(a)
         sizes.append(len(batch["input_ids"]))

@@ -86,7 +86,7 @@ def test_quick_run_writes_every_artefact(tmp_path):
     assert reproduce.main(["--out", str(tmp_path), "--quick"]) == 0
     for name in ("star", "ablation", "continual", "teacher_student"):
         md = (tmp_path / f"{name}.md").read_text()
-        assert md.startswith("# ") and f"![" in md and f"({name}.png)" in md, name
+        assert md.startswith("# ") and "![" in md and f"({name}.png)" in md, name
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         json.loads((tmp_path / f"{name}.json").read_text())
     ablation = json.loads((tmp_path / "ablation.json").read_text())

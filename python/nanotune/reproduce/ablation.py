@@ -14,12 +14,10 @@ the norms are dense.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 from nanotune.optim import CRITERIA
-from nanotune.reproduce.lab import Lab, LabConfig, Run, fmt, pyplot
+from nanotune.reproduce.lab import Lab, fmt, pyplot, experiment_main, write_report
 
 LR = 1e-3  # in continual.NANOADAM_LRS, so that small_weights run is shared
 HIGH_LR = 3e-3  # 3x: where the paper's large_grads diverges (at 5-10x its lr)
@@ -97,23 +95,12 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    md += "\n![held-out loss curves per criterion](ablation.png)\n" if plot(
-        result, out / "ablation.png") else "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
-    (out / "ablation.md").write_text(md)
+    write_report(out, "ablation", result, markdown(result), lambda path: plot(result, path),
+                 "held-out loss curves per criterion")
 
 
 def main(argv=None, lab: Lab | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps (tests)")
-    args = p.parse_args(argv)
-    lab = lab or Lab(LabConfig.quick() if args.quick else LabConfig())
-    write(run(lab), args.out)
-    print(f"wrote {args.out / 'ablation.md'}")
-    return 0
+    return experiment_main("ablation", __doc__, run, write, argv, lab)
 
 
 if __name__ == "__main__":

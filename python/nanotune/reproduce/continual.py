@@ -21,12 +21,10 @@ once) and over the transformer blocks only (the closest we have to the paper's
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
-from nanotune.reproduce.lab import Lab, LabConfig, fmt, pyplot
+from nanotune.reproduce.lab import Lab, fmt, pyplot, experiment_main, write_report
 
 # One grid for both: the paper says NanoAdam prefers lrs 5-10x larger than AdamW, and a shared
 # grid lets the sweep show it or not. (A first try with NanoAdam's grid a decade higher chose its
@@ -124,23 +122,12 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "continual.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    md += "\n![B learned and A retained over finetuning, and the final trade-off per lr](continual.png)\n" if plot(
-        result, out / "continual.png") else "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
-    (out / "continual.md").write_text(md)
+    write_report(out, "continual", result, markdown(result), lambda path: plot(result, path),
+                 "B learned and A retained over finetuning, and the final trade-off per lr")
 
 
 def main(argv=None, lab: Lab | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps (tests)")
-    args = p.parse_args(argv)
-    lab = lab or Lab(LabConfig.quick() if args.quick else LabConfig())
-    write(run(lab), args.out)
-    print(f"wrote {args.out / 'continual.md'}")
-    return 0
+    return experiment_main("continual", __doc__, run, write, argv, lab)
 
 
 if __name__ == "__main__":

@@ -299,3 +299,26 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def write_report(out: Path, name: str, data: dict, md: str, plot: Callable[[Path], bool], caption: str) -> None:
+    """Writes <name>.json, <name>.md and, where matplotlib is there, <name>.png into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    md += f"\n![{caption}]({name}.png)\n" if plot(out / f"{name}.png") else \
+        "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
+    (out / f"{name}.md").write_text(md)
+
+
+def experiment_main(name: str, doc: str, run: Callable, write: Callable, argv=None, lab: "Lab | None" = None) -> int:
+    """The command line of one experiment module: `python -m nanotune.reproduce.<name> [--out DIR] [--quick]`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (tests)")
+    args = p.parse_args(argv)
+    lab = lab or Lab(LabConfig.quick() if args.quick else LabConfig())
+    write(run(lab), args.out)
+    print(f"wrote {args.out / (name + '.md')}")
+    return 0

@@ -17,13 +17,11 @@ top-10% |grad| entries in red.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from nanotune.reproduce.lab import Lab, LabConfig, pyplot
+from nanotune.reproduce.lab import Lab, pyplot, experiment_main, write_report
 
 FRACTION = 0.10  # bottom-10% weights vs top-10% gradients
 POINTS = 4000  # scatter points per panel
@@ -46,7 +44,7 @@ def tracked(model) -> list[str]:
 
 def plotted(num_layers: int) -> list[str]:
     """Three matrices from the first, a middle and the last block."""
-    return [f"model.layers.0.self_attn.q_proj.weight", f"model.layers.{num_layers // 2}.mlp.up_proj.weight",
+    return ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{num_layers // 2}.mlp.up_proj.weight",
             f"model.layers.{num_layers - 1}.self_attn.o_proj.weight"]
 
 
@@ -128,8 +126,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cells = [f"{ov[k][str(s)]['above_chance']}/{result['blocks']}" for k in ("finetune", "scratch") for s in steps]
     lines.append("| block matrices above chance | " + " | ".join(cells) + " |")
-    lines += ["", f"Paper (PAPER.md, Observation): a star shape, large gradients on small weights, stronger in "
-              f"finetuning than from scratch (no overlap figure given)."]
+    lines += ["", "Paper (PAPER.md, Observation): a star shape, large gradients on small weights, stronger in "
+              "finetuning than from scratch (no overlap figure given)."]
     return "\n".join(lines) + "\n"
 
 
@@ -164,24 +162,12 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    slim = {k: v for k, v in result.items() if k != "points"}  # the samples only feed the plot
-    (out / "star.json").write_text(json.dumps(slim, indent=1))
-    md = markdown(result)
-    md += "\n![|w| vs |grad| scatter, finetuning (top) vs from scratch (bottom)](star.png)\n" if plot(
-        result, out / "star.png") else "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
-    (out / "star.md").write_text(md)
+    write_report(out, "star", {k: v for k, v in result.items() if k != "points"}, markdown(result), lambda path: plot(result, path),
+                 "|w| vs |grad| scatter, finetuning (top) vs from scratch (bottom)")
 
 
 def main(argv=None, lab: Lab | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps (tests)")
-    args = p.parse_args(argv)
-    lab = lab or Lab(LabConfig.quick() if args.quick else LabConfig())
-    write(run(lab), args.out)
-    print(f"wrote {args.out / 'star.md'}")
-    return 0
+    return experiment_main("star", __doc__, run, write, argv, lab)
 
 
 if __name__ == "__main__":
