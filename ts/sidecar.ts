@@ -183,9 +183,10 @@ export class Sidecar {
     });
 
     let ready: string;
+    let timer: NodeJS.Timeout | undefined;
     try {
       ready = await new Promise<string>((resolve, reject) => {
-        const timer = setTimeout(
+        timer = setTimeout(
           () => reject(new SidecarError("START_FAILED", `sidecar (${python}) did not start within ${opts.startTimeoutMs} ms; last stderr:\n${stderrTail.join("\n")}`)),
           opts.startTimeoutMs,
         );
@@ -209,7 +210,7 @@ export class Sidecar {
             onStderr(`[sidecar stdout] ${line}`);
           }
         });
-      }).finally(() => undefined);
+      }).finally(() => clearTimeout(timer)); // else the start timer keeps a finished script alive
     } catch (e) {
       child.kill("SIGKILL");
       cleanupDir();

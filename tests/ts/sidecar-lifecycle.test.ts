@@ -99,4 +99,17 @@ describe("Sidecar lifecycle", () => {
     const ms = await goneWithin(sidecarPid, 5000);
     expect(ms).toBeLessThan(2000);
   });
+
+  it("lets a script that started and closed a sidecar exit by itself", async () => {
+    const script = join(dirname(fileURLToPath(import.meta.url)), "fixtures", "start-close.ts");
+    const child = spawn(process.execPath, ["--import", "tsx", script], { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    child.stdout.on("data", (d) => (out += d));
+    const killer = setTimeout(() => child.kill("SIGKILL"), 60_000); // a leaked timer would hold it ~120 s
+    const [code, signal] = await new Promise<[number | null, string | null]>((r) => child.once("exit", (c, s) => r([c, s])));
+    clearTimeout(killer);
+    expect(signal).toBeNull();
+    expect(code).toBe(0);
+    expect(out).toBe("closed\n");
+  });
 });
