@@ -48,7 +48,7 @@ interface Row {
 
 export async function runDemo(opts: { runDir?: string; steps?: number; progress?: boolean } = {}): Promise<Row[]> {
   const runDir = resolve(opts.runDir ?? "runs/demo");
-  const steps = opts.steps ?? 200;
+  const steps = opts.steps ?? 300;
   mkdirSync(runDir, { recursive: true });
   const tasks = demoTasks();
   const files: Record<string, string> = {};
