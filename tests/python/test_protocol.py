@@ -1,6 +1,7 @@
 """The Python models against protocol/schema.json (generated from protocol/schema.ts),
 and the golden vectors in protocol/vectors/ decoded and re-encoded bit-exactly."""
 import importlib
+import importlib.util
 import json
 import pathlib
 
@@ -125,14 +126,16 @@ def test_the_normal_form_notices_a_mismatch():
 # ---- golden vectors ---------------------------------------------------------------
 
 
-def from_json(v):
-    if isinstance(v, dict):
-        if set(v) == {"$bigint"}:
-            return int(v["$bigint"])
-        return {k: from_json(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [from_json(x) for x in v]
-    return v
+def _load_vector_generator():
+    # from_json (the "$bigint" convention of the vectors' .json files) lives in
+    # protocol/vectors/generate.py, which writes the .msgpack files; use that one.
+    spec = importlib.util.spec_from_file_location("vector_generate", VECTORS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+from_json = _load_vector_generator().from_json
 
 
 VECTOR_NAMES = sorted(p.stem for p in VECTORS.glob("*.json"))
