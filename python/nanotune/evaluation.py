@@ -251,30 +251,27 @@ def _piqa(rec: _Record) -> Example:
     )
 
 
-def _arc(rec: _Record) -> Example:
-    question, texts, labels = _choices_layout(rec, "question")
-    gold = _gold_from_key(rec, labels)
+def _question_choices(rec: _Record, stem_field: str, context: str) -> Example:
+    """ARC and OpenBookQA: a question with lettered choices and an answerKey;
+    `context` frames the question for log-likelihood scoring ({q} is the question)."""
+    question, texts, labels = _choices_layout(rec, stem_field)
+    answers = _answer_format("answer", len(texts))
     return Example(
-        contexts=(f"Question: {question}\nAnswer:",) * len(texts),
+        contexts=(context.format(q=question),) * len(texts),
         continuations=tuple(" " + t for t in texts),
-        gold=gold,
+        gold=_gold_from_key(rec, labels),
         instruction=f"Please choose the correct answer to the question: {question}"
-        f"{_numbered('Answer', texts)}\n\nAnswer format: " + "/".join(_answer_format("answer", len(texts))),
-        answers=_answer_format("answer", len(texts)),
+        f"{_numbered('Answer', texts)}\n\nAnswer format: " + "/".join(answers),
+        answers=answers,
     )
+
+
+def _arc(rec: _Record) -> Example:
+    return _question_choices(rec, "question", "Question: {q}\nAnswer:")
 
 
 def _openbookqa(rec: _Record) -> Example:
-    question, texts, labels = _choices_layout(rec, "question_stem")
-    gold = _gold_from_key(rec, labels)
-    return Example(
-        contexts=(question,) * len(texts),  # the harness gives OBQA no "Question:" frame
-        continuations=tuple(" " + t for t in texts),
-        gold=gold,
-        instruction=f"Please choose the correct answer to the question: {question}"
-        f"{_numbered('Answer', texts)}\n\nAnswer format: " + "/".join(_answer_format("answer", len(texts))),
-        answers=_answer_format("answer", len(texts)),
-    )
+    return _question_choices(rec, "question_stem", "{q}")  # the harness gives OBQA no "Question:" frame
 
 
 def _siqa(rec: _Record) -> Example:
