@@ -15,24 +15,27 @@ export const PROTOCOL_VERSION = 1;
 
 /**
  * The error-code table. `origin` says which side raises it: "sidecar" codes
- * arrive in `{id, error}` replies, "client" codes are raised by the TS client.
+ * arrive in `{id, error}` replies, "client" codes are raised by the TS side.
+ * `userError`: the user can fix it (bad input, config, arguments, setup); the
+ * CLI exits 2 on these and 1 on the rest.
  */
 export const errorCodes = {
-  INVALID_REQUEST: { origin: "sidecar", description: "The message is not a msgpack map with v, id, method and params, or its frames do not match." },
-  INVALID_PARAMS: { origin: "sidecar", description: "The params do not match the method's schema; the message names the field." },
-  UNKNOWN_METHOD: { origin: "sidecar", description: "No method of that name is registered." },
-  PROTOCOL_MISMATCH: { origin: "sidecar", description: "Client and sidecar speak different protocol versions; the message names both." },
-  BUSY: { origin: "sidecar", description: "A compute call is already running; wait for it or cancel it (calls are never queued)." },
-  CANCELLED: { origin: "sidecar", description: "The call was cancelled (cancel method or AbortSignal)." },
-  OUT_OF_MEMORY: { origin: "sidecar", description: "The device (or host) ran out of memory during the call." },
-  INTERNAL: { origin: "sidecar", description: "An unexpected exception in the sidecar; data.traceback holds the Python traceback." },
-  TIMEOUT: { origin: "client", description: "The call's timeoutMs passed; the client asked the sidecar to cancel it." },
-  SIDECAR_CRASHED: { origin: "client", description: "The sidecar process exited while calls were pending; data holds the signal, exit code and last stderr lines." },
-  START_FAILED: { origin: "client", description: "The sidecar process could not be started or did not become ready in startTimeoutMs." },
-  CLOSED: { origin: "client", description: "The client was closed before or during the call." },
+  INVALID_REQUEST: { origin: "sidecar", userError: false, description: "The message is not a msgpack map with v, id, method and params, or its frames do not match." },
+  INVALID_PARAMS: { origin: "sidecar", userError: true, description: "The params do not match the method's schema, or name a file, model or option that cannot be used; the message names the field." },
+  UNKNOWN_METHOD: { origin: "sidecar", userError: false, description: "No method of that name is registered." },
+  PROTOCOL_MISMATCH: { origin: "sidecar", userError: true, description: "Client and sidecar speak different protocol versions; the message names both." },
+  BUSY: { origin: "sidecar", userError: false, description: "A compute call is already running; wait for it or cancel it (calls are never queued)." },
+  CANCELLED: { origin: "sidecar", userError: false, description: "The call was cancelled (cancel method or AbortSignal)." },
+  OUT_OF_MEMORY: { origin: "sidecar", userError: false, description: "The device (or host) ran out of memory during the call." },
+  INTERNAL: { origin: "sidecar", userError: false, description: "An unexpected exception in the sidecar; data.traceback holds the Python traceback." },
+  TIMEOUT: { origin: "client", userError: false, description: "The call's timeoutMs passed; the client asked the sidecar to cancel it." },
+  SIDECAR_CRASHED: { origin: "client", userError: false, description: "The sidecar process exited while calls were pending; data holds the signal, exit code and last stderr lines." },
+  START_FAILED: { origin: "client", userError: true, description: "The sidecar process could not be started or did not become ready in startTimeoutMs (no Python found: run `npx nanotune setup`)." },
+  CLOSED: { origin: "client", userError: false, description: "The client was closed before or during the call." },
+  INVALID_CONFIG: { origin: "client", userError: true, description: "Trainer options or a config file are wrong; data.issues names every wrong field by its path." },
+  INVALID_ARGUMENT: { origin: "client", userError: true, description: "A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it." },
 } as const;
 export type ErrorCode = keyof typeof errorCodes;
-export const ErrorCode = Object.fromEntries(Object.keys(errorCodes).map((k) => [k, k])) as { [K in ErrorCode]: K };
 
 const int = () => z.number().int();
 const uint = () => z.number().int().nonnegative();

@@ -4,6 +4,7 @@
 // names its path, e.g. `optimizer.densty: unknown field`.
 import { z } from "zod";
 import { methods } from "../../protocol/schema.ts";
+import { ConfigError } from "../errors.ts";
 import { type MaskPolicy, policies } from "./policies.ts";
 import { type Schedule, type ScheduleLike, schedules } from "./schedules.ts";
 
@@ -101,27 +102,13 @@ export const TrainerConfig = z.strictObject({
 export type TrainerOptions = z.input<typeof TrainerConfig>;
 export type ResolvedTrainerConfig = z.output<typeof TrainerConfig>;
 
+export { ConfigError };
+
 /** Parses options or a JSON config; throws a ConfigError naming every wrong field. */
 export function parseConfig(input: unknown, source = "options"): ResolvedTrainerConfig {
   const r = TrainerConfig.safeParse(input);
   if (!r.success) throw new ConfigError(source, r.error);
   return r.data;
-}
-
-export class ConfigError extends Error {
-  readonly code = "INVALID_CONFIG";
-  readonly issues: { path: string; message: string }[];
-  constructor(source: string, error: z.ZodError) {
-    const issues = error.issues.map((i) => ({ path: i.path.map(String).join(".") || "(root)", message: describeIssue(i) }));
-    super(`${source}: ${issues.map((i) => `${i.path}: ${i.message}`).join("; ")}`, { cause: error });
-    this.name = "ConfigError";
-    this.issues = issues;
-  }
-}
-
-function describeIssue(i: z.core.$ZodIssue): string {
-  if (i.code === "unrecognized_keys") return `unknown field${i.keys.length > 1 ? "s" : ""} ${i.keys.map((k) => `'${k}'`).join(", ")}`;
-  return i.message;
 }
 
 export function toScheduleOption(s: ResolvedTrainerConfig["lr"]): Schedule {
