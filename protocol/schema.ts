@@ -1,12 +1,13 @@
 // The wire contract between the TS client (ts/sidecar.ts) and the Python sidecar
 // (python/nanotune/sidecar/). This file is the one source of truth: `npm run
-// protocol:schema` writes protocol/schema.json from it, tests/ts/protocol.test.ts
-// fails when that file is stale, and tests/python/test_protocol.py checks the
-// Python msgspec models (python/nanotune/sidecar/protocol.py) against schema.json.
+// protocol:generate` writes protocol/schema.json (JSON Schema, for any language) and
+// python/nanotune/wire.py (the sidecar's msgspec Structs, constraints included) from
+// it, and tests/ts/protocol.test.ts fails when either is stale.
 //
-// Adding a method: add an entry to `methods` below (params, result, thread),
-// regenerate schema.json, then add the msgspec Structs and a `@method` handler
-// on the Python side (see python/nanotune/sidecar/registry.py).
+// Adding a method: add an entry to `methods` below (params, result, thread), run
+// `npm run protocol:generate`, then write its handler on the Python side with
+// `@method("name")` (python/nanotune/sidecar/dispatch.py); the sidecar refuses to
+// start while a schema method has no handler. docs/protocol.md has the wire rules.
 import { z } from "zod";
 import { trainingMethods } from "./training.ts";
 
@@ -77,11 +78,13 @@ export const Event = z.strictObject({ event: z.string(), data: z.unknown() });
 
 const Empty = z.strictObject({});
 
-const CudaInfo = z.strictObject({
-  name: z.string(),
-  totalBytes: uint(),
-  freeBytes: uint(),
-});
+const CudaInfo = z
+  .strictObject({
+    name: z.string(),
+    totalBytes: uint(),
+    freeBytes: uint(),
+  })
+  .meta({ title: "CudaInfo" });
 
 /**
  * Every method: its params and result, and the thread that serves it: "io"
@@ -119,7 +122,7 @@ export const methods = {
       pid: uint(),
       uptimeS: z.number(),
       ready: z.boolean().describe("torch imported and method modules loaded"),
-      busy: z.strictObject({ id: uint(), method: z.string(), runningS: z.number(), cancelling: z.boolean() }).nullable(),
+      busy: z.strictObject({ id: uint(), method: z.string(), runningS: z.number(), cancelling: z.boolean() }).meta({ title: "BusyInfo" }).nullable(),
       served: uint().describe("requests answered so far"),
       rejected: uint().describe("requests answered with an error so far"),
     }),

@@ -1,6 +1,7 @@
-// The training methods of the wire contract (issue 4), part of protocol/schema.ts's
-// `methods` table: models, data, the optimizer, steps, mask policies, evaluation,
-// generation and checkpoints. Python mirrors them in python/nanotune/methods/train.py.
+// The training methods of the wire contract, part of protocol/schema.ts's `methods`
+// table: models, data, the optimizer, steps, mask policies, evaluation, generation
+// and checkpoints. The Python handlers live in python/nanotune/methods/train.py and
+// use the Structs generated from this file (python/nanotune/wire.py).
 import { z } from "zod";
 
 const int = () => z.number().int();
@@ -22,7 +23,51 @@ export const MaskDecision = z
   })
   .meta({ title: "MaskDecision" });
 
-const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() });
+/** create_optimizer's params; a checkpoint keeps them (CheckpointExtra.optimizer) to rebuild the same optimizer. */
+export const CreateOptimizerParams = z.strictObject({
+  name: z.enum(["nanoadam", "adamw"]),
+  lr: z.number().gte(0).optional(),
+  betas: z.tuple([z.number(), z.number()]).optional(),
+  eps: z.number().gte(0).optional(),
+  weightDecay: z.number().gte(0).optional(),
+  density: z.number().gt(0).lte(1).optional(),
+  maskInterval: int().min(1).optional(),
+  densityInterval: int().min(1).optional(),
+  finalDensity: z.number().gt(0).lte(1).optional(),
+  totalSteps: int().min(1).optional(),
+  criterion: Criterion.optional(),
+  momentsOnRefresh: z.enum(["carry", "reset"]).optional(),
+  biasCorrection: z.boolean().optional(),
+  momentsDtype: z.enum(["float32", "bfloat16"]).optional(),
+  indexDtype: z.enum(["int16", "int32"]).optional(),
+  sparseGradients: z.boolean().optional(),
+  dense: z.array(z.string()).optional().describe("patterns of dense tensors (default lm_head, norm)"),
+  tied: z.enum(["sparse", "dense"]).optional(),
+  seed: int().optional(),
+})
+  .meta({ title: "CreateOptimizerParams" });
+
+/**
+ * What a checkpoint keeps beside weights and optimizer state (trainer_state.json
+ * `extra`): the sidecar fills `mask` and `optimizer`; the Trainer adds `policy`
+ * and `config`; `user` is free for the caller.
+ */
+export const CheckpointExtra = z
+  .strictObject({
+    mask: MaskDecision.nullable().optional().describe("the mask decision in force at the save (written by the sidecar)"),
+    optimizer: CreateOptimizerParams.nullable().optional().describe("create_optimizer's params (written by the sidecar)"),
+    policy: z
+      .strictObject({ name: z.string(), activatedAt: uint().describe("the step at which this policy became active") })
+      .meta({ title: "PolicyState" })
+      .nullable()
+      .optional()
+      .describe("the Trainer's active mask policy"),
+    config: z.record(z.string(), z.unknown()).optional().describe("the Trainer's resolved config as JSON"),
+    user: z.record(z.string(), z.unknown()).optional().describe("anything else the caller wants kept"),
+  })
+  .meta({ title: "CheckpointExtra" });
+
+const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() }).meta({ title: "MaskResult" });
 
 /** The methods; schema.ts passes its TensorRef in (a function, so the two files do not import each other). */
 export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
@@ -32,7 +77,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
     params: z.strictObject({
       path: z.string().min(1).describe("a local HF model directory or a preset name"),
       dtype: z.enum(["float32", "bfloat16", "float16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU"),
-      device: z.string().optional().describe('"auto" (default), "cpu", "cuda", "cuda:1"'),
+      device: z.string().optional().describe("\"auto\" or absent: the device the sidecar started on; \"cpu\", \"cuda\", \"cuda:1\""),
       gradientCheckpointing: z.boolean().optional(),
       seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
     }),
@@ -73,30 +118,10 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   create_optimizer: {
     thread: "compute",
     description: "NanoAdam (maskInterval null: the controller decides refreshes) or AdamW as the baseline.",
-    params: z.strictObject({
-      name: z.enum(["nanoadam", "adamw"]),
-      lr: z.number().gte(0).optional(),
-      betas: z.tuple([z.number(), z.number()]).optional(),
-      eps: z.number().gte(0).optional(),
-      weightDecay: z.number().gte(0).optional(),
-      density: z.number().gt(0).lte(1).optional(),
-      maskInterval: int().min(1).optional(),
-      densityInterval: int().min(1).optional(),
-      finalDensity: z.number().gt(0).lte(1).optional(),
-      totalSteps: int().min(1).optional(),
-      criterion: Criterion.optional(),
-      momentsOnRefresh: z.enum(["carry", "reset"]).optional(),
-      biasCorrection: z.boolean().optional(),
-      momentsDtype: z.enum(["float32", "bfloat16"]).optional(),
-      indexDtype: z.enum(["int16", "int32"]).optional(),
-      sparseGradients: z.boolean().optional(),
-      dense: z.array(z.string()).optional().describe("patterns of dense tensors (default lm_head, norm)"),
-      tied: z.enum(["sparse", "dense"]).optional(),
-      seed: int().optional(),
-    }),
+    params: CreateOptimizerParams,
     result: z.strictObject({
       name: z.string(),
-      groups: z.array(z.strictObject({ sparse: z.boolean(), tensors: uint(), entries: uint() })),
+      groups: z.array(z.strictObject({ sparse: z.boolean(), tensors: uint(), entries: uint() }).meta({ title: "OptimizerGroup" })),
       stateBytes: uint(),
     }),
   },
@@ -141,7 +166,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
     description: "Reads the current masks back: flat int32 indices per tensor, as tensor frames.",
     params: z.strictObject({ names: z.array(z.string()).optional() }),
     result: z.strictObject({
-      masks: z.array(z.strictObject({ name: z.string(), numel: uint(), indices: TensorRef })),
+      masks: z.array(z.strictObject({ name: z.string(), numel: uint(), indices: TensorRef }).meta({ title: "MaskTensor" })),
     }),
   },
   evaluate: {
@@ -154,7 +179,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
     thread: "compute",
     description: "Greedy (temperature 0) or sampled continuation of a prompt or chat messages.",
     params: z.strictObject({
-      prompt: z.union([z.string(), z.array(z.strictObject({ role: z.string(), content: z.string() }))]),
+      prompt: z.union([z.string(), z.array(z.strictObject({ role: z.string(), content: z.string() }).meta({ title: "ChatMessage" }))]),
       maxNewTokens: int().min(1).optional(),
       temperature: z.number().gte(0).optional(),
       topP: z.number().gt(0).lte(1).optional(),
@@ -165,13 +190,13 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   save_checkpoint: {
     thread: "compute",
     description: "Writes model (an HF directory), optimizer, data position, RNG and step atomically.",
-    params: z.strictObject({ path: z.string().min(1), extra: z.record(z.string(), z.unknown()).optional() }),
+    params: z.strictObject({ path: z.string().min(1), extra: CheckpointExtra.optional() }),
     result: z.strictObject({ path: z.string(), step: uint(), timeS: z.number() }),
   },
   load_checkpoint: {
     thread: "compute",
     description: "Restores a checkpoint into the loaded model, optimizer and data (built the same way).",
     params: z.strictObject({ path: z.string().min(1) }),
-    result: z.strictObject({ path: z.string(), step: uint(), extra: z.record(z.string(), z.unknown()) }),
+    result: z.strictObject({ path: z.string(), step: uint(), extra: CheckpointExtra }),
   },
 }) as const;

@@ -1,16 +1,30 @@
-// protocol/: schema.json is fresh, golden vectors decode and re-encode bit-exactly,
+// protocol/: schema.json and python/nanotune/wire.py are fresh, golden vectors decode and re-encode bit-exactly,
 // the wire helpers move tensors and big integers.
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { schemaJsonPath, schemaJsonText } from "../../protocol/generate.ts";
-import { ErrorBody, Event, PROTOCOL_VERSION, Reply, Request, errorCodes, events, methods, type MethodName } from "../../protocol/schema.ts";
+import { schemaJsonPath, schemaJsonText, wirePyPath, wirePyText } from "../../protocol/generate.ts";
+import { ErrorBody, Event, PROTOCOL_VERSION, Reply, Request, errorCodes, events, methods, toJSON, type MethodName } from "../../protocol/schema.ts";
 import { vectors } from "../../protocol/vectors/generate.ts";
 import { ErrorCode, Tensor } from "../../ts/index.ts";
 import { bigIntegers, decode, encode, refsToTensors, tensorsToRefs } from "../../ts/wire.ts";
 
 describe("protocol/schema.json", () => {
-  it("is what protocol/schema.ts generates (run `npm run protocol:schema` after editing the schema)", () => {
+  it("is what protocol/schema.ts generates (run `npm run protocol:generate` after editing the schema)", () => {
     expect(readFileSync(schemaJsonPath, "utf8")).toBe(schemaJsonText());
+  });
+
+  it("python/nanotune/wire.py is what protocol/schema.ts generates (run `npm run protocol:generate`)", () => {
+    expect(readFileSync(wirePyPath, "utf8")).toBe(wirePyText());
+  });
+
+  it("wire.py follows the schema: a changed field or constraint changes the generated text", () => {
+    const json = toJSON();
+    const params = json.methods.train_step.params as { properties: Record<string, Record<string, unknown>> };
+    params.properties.lr = { ...params.properties.lr, minimum: 1 };
+    const changed = wirePyText(json);
+    expect(changed).not.toBe(wirePyText());
+    expect(changed).toMatch(/class TrainStepParams\(Model\):\n    lr: Annotated\[float, Meta\(ge=1\)\]/);
+    expect(wirePyText()).toMatch(/micro_batch: Annotated\[int, Meta\(ge=1\)\] \| None = msgspec\.field\(default=None, name="microBatch"\)/);
   });
 
   it("lists every method with params, result and thread, and the error table", () => {

@@ -1,0 +1,403 @@
+"""The nanotune wire protocol's types for Python, generated from protocol/schema.ts.
+
+Do not edit: run `npm run protocol:generate` after changing protocol/schema.ts
+(tests/ts/protocol.test.ts fails while this file is stale). Python names are
+snake_case; each Struct maps them to the camelCase names on the wire. Decoding a
+message validates it against the schema, constraints included (ranges, lengths,
+enums, required and unknown fields), so handlers never re-check those by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NamedTuple
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode:
+    """The error-code table; `ERROR_CODES` has each code's origin and description."""
+
+    INVALID_REQUEST = "INVALID_REQUEST"  # sidecar: The message is not a msgpack map with v, id, method and params, or its frames do not match.
+    INVALID_PARAMS = "INVALID_PARAMS"  # sidecar: The params do not match the method's schema, or name a file, model or option that cannot be used; the message names the field.
+    UNKNOWN_METHOD = "UNKNOWN_METHOD"  # sidecar: No method of that name is registered.
+    PROTOCOL_MISMATCH = "PROTOCOL_MISMATCH"  # sidecar: Client and sidecar speak different protocol versions; the message names both.
+    BUSY = "BUSY"  # sidecar: A compute call is already running; wait for it or cancel it (calls are never queued).
+    CANCELLED = "CANCELLED"  # sidecar: The call was cancelled (cancel method or AbortSignal).
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"  # sidecar: The device (or host) ran out of memory during the call.
+    INTERNAL = "INTERNAL"  # sidecar: An unexpected exception in the sidecar; data.traceback holds the Python traceback.
+    TIMEOUT = "TIMEOUT"  # client: The call's timeoutMs passed; the client asked the sidecar to cancel it.
+    SIDECAR_CRASHED = "SIDECAR_CRASHED"  # client: The sidecar process exited while calls were pending; data holds the signal, exit code and last stderr lines.
+    START_FAILED = "START_FAILED"  # client: The sidecar process could not be started or did not become ready in startTimeoutMs (no Python found: run `npx nanotune setup`).
+    CLOSED = "CLOSED"  # client: The client was closed before or during the call.
+    INVALID_CONFIG = "INVALID_CONFIG"  # client: Trainer options or a config file are wrong; data.issues names every wrong field by its path.
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # client: A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it.
+
+
+ERROR_CODES: dict[str, dict[str, Any]] = {
+    "INVALID_REQUEST": {"origin": "sidecar", "user_error": False, "description": "The message is not a msgpack map with v, id, method and params, or its frames do not match."},
+    "INVALID_PARAMS": {"origin": "sidecar", "user_error": True, "description": "The params do not match the method's schema, or name a file, model or option that cannot be used; the message names the field."},
+    "UNKNOWN_METHOD": {"origin": "sidecar", "user_error": False, "description": "No method of that name is registered."},
+    "PROTOCOL_MISMATCH": {"origin": "sidecar", "user_error": True, "description": "Client and sidecar speak different protocol versions; the message names both."},
+    "BUSY": {"origin": "sidecar", "user_error": False, "description": "A compute call is already running; wait for it or cancel it (calls are never queued)."},
+    "CANCELLED": {"origin": "sidecar", "user_error": False, "description": "The call was cancelled (cancel method or AbortSignal)."},
+    "OUT_OF_MEMORY": {"origin": "sidecar", "user_error": False, "description": "The device (or host) ran out of memory during the call."},
+    "INTERNAL": {"origin": "sidecar", "user_error": False, "description": "An unexpected exception in the sidecar; data.traceback holds the Python traceback."},
+    "TIMEOUT": {"origin": "client", "user_error": False, "description": "The call's timeoutMs passed; the client asked the sidecar to cancel it."},
+    "SIDECAR_CRASHED": {"origin": "client", "user_error": False, "description": "The sidecar process exited while calls were pending; data holds the signal, exit code and last stderr lines."},
+    "START_FAILED": {"origin": "client", "user_error": True, "description": "The sidecar process could not be started or did not become ready in startTimeoutMs (no Python found: run `npx nanotune setup`)."},
+    "CLOSED": {"origin": "client", "user_error": False, "description": "The client was closed before or during the call."},
+    "INVALID_CONFIG": {"origin": "client", "user_error": True, "description": "Trainer options or a config file are wrong; data.issues names every wrong field by its path."},
+    "INVALID_ARGUMENT": {"origin": "client", "user_error": True, "description": "A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it."},
+}
+
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Base of every wire Struct: unknown fields are errors; absent optional fields are omitted."""
+
+
+class TensorRef(Model):
+    dtype: Literal["float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool"]
+    shape: list[Annotated[int, Meta(ge=0)]]
+    frame: Annotated[int, Meta(ge=0)]
+
+
+class HelloParams(Model):
+    protocol: int
+    client: str | None = None
+
+
+class CudaInfo(Model):
+    name: str
+    total_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="totalBytes")
+    free_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="freeBytes")
+
+
+class HelloResult(Model):
+    protocol: int
+    sidecar: str  # nanotune package version
+    python: str
+    torch: str
+    pid: Annotated[int, Meta(ge=0)]
+    device: str  # "cpu" or "cuda:N"
+    dtype: str  # default parameter dtype on that device
+    cuda: CudaInfo | None
+    methods: list[str]
+
+
+class PingParams(Model):
+    pass
+
+
+class PingResult(Model):
+    pass
+
+
+class StatusParams(Model):
+    pass
+
+
+class BusyInfo(Model):
+    id: Annotated[int, Meta(ge=0)]
+    method: str
+    running_s: float = msgspec.field(name="runningS")
+    cancelling: bool
+
+
+class StatusResult(Model):
+    pid: Annotated[int, Meta(ge=0)]
+    uptime_s: float = msgspec.field(name="uptimeS")
+    ready: bool  # torch imported and method modules loaded
+    busy: BusyInfo | None
+    served: Annotated[int, Meta(ge=0)]  # requests answered so far
+    rejected: Annotated[int, Meta(ge=0)]  # requests answered with an error so far
+
+
+class CancelParams(Model):
+    id: Annotated[int, Meta(ge=0)] | None = None
+
+
+class CancelResult(Model):
+    cancelled: bool
+    id: Annotated[int, Meta(ge=0)] | None
+
+
+class ShutdownParams(Model):
+    pass
+
+
+class ShutdownResult(Model):
+    pass
+
+
+class DebugBusyParams(Model):
+    seconds: Annotated[float, Meta(ge=0)]
+    tick_every_s: Annotated[float, Meta(gt=0)] | None = msgspec.field(default=None, name="tickEveryS")  # emit debug:tick this often (default: never)
+    cooperative: bool | None = None  # false: never call check_cancelled (tests the forced cancel)
+
+
+class DebugBusyResult(Model):
+    iterations: Annotated[int, Meta(ge=0)]
+    seconds: float
+
+
+class DebugEchoParams(Model):
+    value: Any | None = None
+    tensor: TensorRef | None = None
+
+
+class DebugEchoResult(Model):
+    value: Any
+    tensor: TensorRef | None
+
+
+class DebugStoreParams(Model):
+    key: str
+    value: Any | None = None
+
+
+class DebugStoreResult(Model):
+    previous: Any
+
+
+class LoadModelParams(Model):
+    path: Annotated[str, Meta(min_length=1)]  # a local HF model directory or a preset name
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
+    gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
+    seed: int | None = None  # init seed of a preset (0: the shared cached build)
+
+
+class LoadModelResult(Model):
+    path: str
+    device: str
+    dtype: str
+    parameters: Annotated[int, Meta(ge=0)]
+    trainable_parameters: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainableParameters")
+    tied: list[list[str]]  # groups of names sharing one tensor
+    param_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="paramBytes")
+    model_type: str = msgspec.field(name="modelType")
+
+
+class LoadDatasetParams(Model):
+    path: Annotated[str, Meta(min_length=1)]
+    format: Literal["auto", "text", "instruction", "alpaca", "commonsense", "chat"] | None = None
+    cutoff: Annotated[int, Meta(ge=2)] | None = None  # most tokens per example (default 256)
+    train_on_inputs: bool | None = msgspec.field(default=None, name="trainOnInputs")  # false (default): loss on responses only
+    seed: int | None = None
+    shuffle: bool | None = None
+    eval_fraction: Annotated[float, Meta(ge=0, lt=1)] | None = msgspec.field(default=None, name="evalFraction")
+    eval_path: str | None = msgspec.field(default=None, name="evalPath")
+
+
+class LoadDatasetResult(Model):
+    path: str
+    format: str
+    train_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainExamples")
+    eval_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="evalExamples")
+    tokens: Annotated[int, Meta(ge=0)]
+    truncated: Annotated[int, Meta(ge=0)]
+    dropped: Annotated[int, Meta(ge=0)]
+
+
+class CreateOptimizerParams(Model):
+    name: Literal["nanoadam", "adamw"]
+    lr: Annotated[float, Meta(ge=0)] | None = None
+    betas: tuple[float, float] | None = None
+    eps: Annotated[float, Meta(ge=0)] | None = None
+    weight_decay: Annotated[float, Meta(ge=0)] | None = msgspec.field(default=None, name="weightDecay")
+    density: Annotated[float, Meta(le=1, gt=0)] | None = None
+    mask_interval: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maskInterval")
+    density_interval: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="densityInterval")
+    final_density: Annotated[float, Meta(le=1, gt=0)] | None = msgspec.field(default=None, name="finalDensity")
+    total_steps: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="totalSteps")
+    criterion: Literal["small_weights", "large_weights", "random", "large_grads"] | None = None
+    moments_on_refresh: Literal["carry", "reset"] | None = msgspec.field(default=None, name="momentsOnRefresh")
+    bias_correction: bool | None = msgspec.field(default=None, name="biasCorrection")
+    moments_dtype: Literal["float32", "bfloat16"] | None = msgspec.field(default=None, name="momentsDtype")
+    index_dtype: Literal["int16", "int32"] | None = msgspec.field(default=None, name="indexDtype")
+    sparse_gradients: bool | None = msgspec.field(default=None, name="sparseGradients")
+    dense: list[str] | None = None  # patterns of dense tensors (default lm_head, norm)
+    tied: Literal["sparse", "dense"] | None = None
+    seed: int | None = None
+
+
+class OptimizerGroup(Model):
+    sparse: bool
+    tensors: Annotated[int, Meta(ge=0)]
+    entries: Annotated[int, Meta(ge=0)]
+
+
+class CreateOptimizerResult(Model):
+    name: str
+    groups: list[OptimizerGroup]
+    state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")
+
+
+class MaskDecision(Model):
+    criterion: Literal["small_weights", "large_weights", "random", "large_grads"]
+    density: Annotated[float, Meta(le=1, gt=0)]  # density of every tensor not matched by perTensor
+    per_tensor: dict[str, Annotated[float, Meta(ge=0, le=1)]] | None = msgspec.field(default=None, name="perTensor")  # regular expression on tensor names -> density; first match wins; 0 freezes
+    include: list[str] | None = None  # only tensors matching one of these train
+    exclude: list[str] | None = None  # tensors matching one of these are frozen
+
+
+class TrainStepParams(Model):
+    lr: Annotated[float, Meta(ge=0)]
+    micro_batch: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="microBatch")
+    grad_accum: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="gradAccum")
+    grad_clip: Annotated[float, Meta(gt=0)] | None = msgspec.field(default=None, name="gradClip")
+    mask: MaskDecision | None = None
+
+
+class TrainStepResult(Model):
+    step: Annotated[int, Meta(ge=0)]
+    loss: float
+    grad_norm: float | None = msgspec.field(name="gradNorm")
+    tokens: Annotated[int, Meta(ge=0)]
+    input_tokens: Annotated[int, Meta(ge=0)] = msgspec.field(name="inputTokens")
+    time_s: float = msgspec.field(name="timeS")
+    lr: float
+    density: float | None
+    mask_refreshed: bool = msgspec.field(name="maskRefreshed")
+    epoch: float  # epochs of training data read so far
+    state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")  # bytes of optimizer state after the step
+
+
+class SetMaskPolicyParams(Model):
+    criterion: Literal["small_weights", "large_weights", "random", "large_grads"]
+    density: Annotated[float, Meta(le=1, gt=0)]  # density of every tensor not matched by perTensor
+    per_tensor: dict[str, Annotated[float, Meta(ge=0, le=1)]] | None = msgspec.field(default=None, name="perTensor")  # regular expression on tensor names -> density; first match wins; 0 freezes
+    include: list[str] | None = None  # only tensors matching one of these train
+    exclude: list[str] | None = None  # tensors matching one of these are frozen
+    now: bool | None = None
+
+
+class MaskResult(Model):
+    tensors: Annotated[int, Meta(ge=0)]
+    frozen: Annotated[int, Meta(ge=0)]
+
+
+class RefreshMaskParams(Model):
+    mask: MaskDecision | None = None
+
+
+class GetMasksParams(Model):
+    names: list[str] | None = None
+
+
+class MaskTensor(Model):
+    name: str
+    numel: Annotated[int, Meta(ge=0)]
+    indices: TensorRef
+
+
+class GetMasksResult(Model):
+    masks: list[MaskTensor]
+
+
+class EvaluateParams(Model):
+    batch_size: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="batchSize")
+    max_batches: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maxBatches")
+
+
+class EvaluateResult(Model):
+    loss: float
+    perplexity: float
+    tokens: Annotated[int, Meta(ge=0)]
+    time_s: float = msgspec.field(name="timeS")
+    step: Annotated[int, Meta(ge=0)]
+
+
+class ChatMessage(Model):
+    role: str
+    content: str
+
+
+class GenerateParams(Model):
+    prompt: str | list[ChatMessage]
+    max_new_tokens: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maxNewTokens")
+    temperature: Annotated[float, Meta(ge=0)] | None = None
+    top_p: Annotated[float, Meta(le=1, gt=0)] | None = msgspec.field(default=None, name="topP")
+    seed: int | None = None
+
+
+class GenerateResult(Model):
+    text: str
+
+
+class PolicyState(Model):
+    name: str
+    activated_at: Annotated[int, Meta(ge=0)] = msgspec.field(name="activatedAt")  # the step at which this policy became active
+
+
+class CheckpointExtra(Model):
+    mask: MaskDecision | None = None  # the mask decision in force at the save (written by the sidecar)
+    optimizer: CreateOptimizerParams | None = None  # create_optimizer's params (written by the sidecar)
+    policy: PolicyState | None = None  # the Trainer's active mask policy
+    config: dict[str, Any] | None = None  # the Trainer's resolved config as JSON
+    user: dict[str, Any] | None = None  # anything else the caller wants kept
+
+
+class SaveCheckpointParams(Model):
+    path: Annotated[str, Meta(min_length=1)]
+    extra: CheckpointExtra | None = None
+
+
+class SaveCheckpointResult(Model):
+    path: str
+    step: Annotated[int, Meta(ge=0)]
+    time_s: float = msgspec.field(name="timeS")
+
+
+class LoadCheckpointParams(Model):
+    path: Annotated[str, Meta(min_length=1)]
+
+
+class LoadCheckpointResult(Model):
+    path: str
+    step: Annotated[int, Meta(ge=0)]
+    extra: CheckpointExtra
+
+
+class DebugTick(Model):
+    iteration: Annotated[int, Meta(ge=0)]
+    elapsed_s: float = msgspec.field(name="elapsedS")
+
+
+class MethodSpec(NamedTuple):
+    params: type[Model]
+    result: type[Model]
+    thread: Literal["io", "compute"]  # "io": answered at once by the I/O thread; "compute": one at a time
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "hello": MethodSpec(HelloParams, HelloResult, "io", "Handshake: checks the protocol version and reports the runtime."),
+    "ping": MethodSpec(PingParams, PingResult, "io", "Liveness; answered by the I/O thread at once."),
+    "status": MethodSpec(StatusParams, StatusResult, "io", "What the sidecar is doing now."),
+    "cancel": MethodSpec(CancelParams, CancelResult, "io", "Cancels the running compute call (only if its id matches, when id is given)."),
+    "shutdown": MethodSpec(ShutdownParams, ShutdownResult, "io", "Replies, then exits the sidecar process."),
+    "debug.busy": MethodSpec(DebugBusyParams, DebugBusyResult, "compute", "Diagnostic: computes (small matmuls) for `seconds`, checking for cancellation between steps; emits debug:tick."),
+    "debug.echo": MethodSpec(DebugEchoParams, DebugEchoResult, "io", "Diagnostic: returns value and tensor as received (the tensor zero-copy)."),
+    "debug.store": MethodSpec(DebugStoreParams, DebugStoreResult, "compute", "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value."),
+    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run."),
+    "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation."),
+    "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (maskInterval null: the controller decides refreshes) or AdamW as the baseline."),
+    "train_step": MethodSpec(TrainStepParams, TrainStepResult, "compute", "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it."),
+    "set_mask_policy": MethodSpec(SetMaskPolicyParams, MaskResult, "compute", "Sets criterion and densities; the masks refresh before the next step (now: at once)."),
+    "refresh_mask": MethodSpec(RefreshMaskParams, MaskResult, "compute", "Refreshes every mask now from the current weights (with the given or the last decision)."),
+    "get_masks": MethodSpec(GetMasksParams, GetMasksResult, "compute", "Reads the current masks back: flat int32 indices per tensor, as tensor frames."),
+    "evaluate": MethodSpec(EvaluateParams, EvaluateResult, "compute", "Token-mean loss and perplexity on the held-out set."),
+    "generate": MethodSpec(GenerateParams, GenerateResult, "compute", "Greedy (temperature 0) or sampled continuation of a prompt or chat messages."),
+    "save_checkpoint": MethodSpec(SaveCheckpointParams, SaveCheckpointResult, "compute", "Writes model (an HF directory), optimizer, data position, RNG and step atomically."),
+    "load_checkpoint": MethodSpec(LoadCheckpointParams, LoadCheckpointResult, "compute", "Restores a checkpoint into the loaded model, optimizer and data (built the same way)."),
+}
+
+EVENTS: dict[str, type[Model]] = {
+    "debug:tick": DebugTick,
+}
