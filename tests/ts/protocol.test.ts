@@ -19,7 +19,7 @@ describe("protocol/schema.json", () => {
 
   it("wire.py follows the schema: a changed field or constraint changes the generated text", () => {
     const json = toJSON();
-    const params = json.methods.train_step.params as { properties: Record<string, Record<string, unknown>> };
+    const params = json.methods.train_step!.params as { properties: Record<string, Record<string, unknown>> };
     params.properties.lr = { ...params.properties.lr, minimum: 1 };
     const changed = wirePyText(json);
     expect(changed).not.toBe(wirePyText());
