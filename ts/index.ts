@@ -1,9 +1,12 @@
-// nanotune's public TS API (the bridge so far; the trainer joins later).
+// nanotune's public API: what `import { ... } from "nanotune"` gives. The wire's zod
+// tables stay inside (protocol/schema.ts); users get classes, functions and types.
 export { Sidecar, type SidecarOptions, type CallOptions, type Params, type Result, type HelloInfo, type SidecarEvent, type WithTensors } from "./sidecar.ts";
-export { SidecarError, ErrorCode, errorCodes, type SidecarErrorOptions } from "./errors.ts";
+export { NanotuneError, SidecarError, ConfigError, ErrorCode, errorCodes, isUserError, type NanotuneErrorOptions, type SidecarErrorOptions } from "./errors.ts";
 export { Tensor, type DType, type TypedArrayOf } from "./tensor.ts";
-export { PROTOCOL_VERSION, methods, events, TensorRef, type MethodName, type EventName } from "../protocol/schema.ts";
-export { Trainer, type TrainerEvent, type TrainerInit } from "./train/trainer.ts";
-export { TrainerConfig, ConfigError, parseConfig, type TrainerOptions, type ResolvedTrainerConfig } from "./train/config.ts";
+export { PROTOCOL_VERSION, type MethodName, type EventName } from "../protocol/schema.ts";
+export { Trainer, type TrainerInit } from "./train/trainer.ts";
+export type { TrainerEvent, TrainerEventType } from "./train/events.ts";
+export { parseConfig, type TrainerOptions, type ResolvedTrainerConfig, type ScheduleJSON, type PolicyJSON } from "./train/config.ts";
 export { schedules, type Schedule, type ScheduleLike } from "./train/schedules.ts";
-export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext } from "./train/policies.ts";
+export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions } from "./train/policies.ts";
+export { sinks, type Sink, type ProgressOptions, type ConsoleOptions } from "./sinks/index.ts";

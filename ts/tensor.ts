@@ -3,6 +3,7 @@
 // C-contiguous. A Tensor here is those bytes plus dtype and shape; no copy is made
 // when sending, and a received Tensor views the received frame.
 import type { DType } from "../protocol/schema.ts";
+import { NanotuneError } from "./errors.ts";
 
 export type { DType };
 
@@ -29,11 +30,11 @@ export class Tensor<D extends DType = DType> {
   readonly bytes: Uint8Array;
 
   constructor(dtype: D, shape: readonly number[], bytes: Uint8Array) {
-    if (!(dtype in ITEMSIZE)) throw new TypeError(`Tensor: unknown dtype ${JSON.stringify(dtype)}; use one of ${Object.keys(ITEMSIZE).join(", ")}`);
+    if (!(dtype in ITEMSIZE)) throw new NanotuneError("INVALID_ARGUMENT", `Tensor: unknown dtype ${JSON.stringify(dtype)}; use one of ${Object.keys(ITEMSIZE).join(", ")}`);
     const numel = shape.reduce((a, b) => a * b, 1);
-    if (shape.some((n) => !Number.isInteger(n) || n < 0)) throw new TypeError(`Tensor: shape must hold non-negative integers, got [${shape.join(", ")}]`);
+    if (shape.some((n) => !Number.isInteger(n) || n < 0)) throw new NanotuneError("INVALID_ARGUMENT", `Tensor: shape must hold non-negative integers, got [${shape.join(", ")}]`);
     if (numel * ITEMSIZE[dtype] !== bytes.byteLength) {
-      throw new TypeError(`Tensor: ${dtype} [${shape.join(", ")}] needs ${numel * ITEMSIZE[dtype]} bytes, got ${bytes.byteLength}`);
+      throw new NanotuneError("INVALID_ARGUMENT", `Tensor: ${dtype} [${shape.join(", ")}] needs ${numel * ITEMSIZE[dtype]} bytes, got ${bytes.byteLength}`);
     }
     this.dtype = dtype;
     this.shape = shape;
@@ -67,5 +68,5 @@ function dtypeOf(a: AnyTypedArray): DType {
   if (a instanceof Int16Array) return "int16";
   if (a instanceof Int32Array) return "int32";
   if (a instanceof BigInt64Array) return "int64";
-  throw new TypeError(`Tensor.from: pass the dtype for a ${a.constructor.name} (float16 and bfloat16 travel as Uint16Array)`);
+  throw new NanotuneError("INVALID_ARGUMENT", `Tensor.from: pass the dtype for a ${a.constructor.name} (float16 and bfloat16 travel as Uint16Array)`);
 }

@@ -1,5 +1,5 @@
 // msgpack framing shared by the client and the tests: the codec settings from
-// DESIGN.md's wire rules, and the walks that move tensors and big integers across.
+// wire rules (docs/protocol.md), and the walks that move tensors and big integers across.
 import { Packr } from "msgpackr";
 import { Tensor } from "./tensor.ts";
 

@@ -1,9 +1,9 @@
 """NanoAdam: Adam on the smallest-magnitude weights of each tensor.
 
 From "Pay Attention to Small Weights" (Zhou, Jacobs, Gadhikar, Burkholz,
-NeurIPS 2025, arXiv 2506.21374); ../shared/PAPER.md is our spec. No official
-code is public, so every point where the paper is silent is a named choice
-below, switchable where users could want the other way.
+NeurIPS 2025, arXiv 2506.21374); docs/nanoadam.md sums up the algorithm and
+our choices. No official code is public, so every point where the paper is
+silent is a named choice below, switchable where users could want the other way.
 
 The class does bookkeeping (schedules, masks, state); the functional
 ``nano_adam`` does the math, with a plain single-tensor reference path kept

@@ -3,6 +3,7 @@
 // refreshes and at which criterion and densities; the sidecar does the
 // selection (chunked bottom-k on the device). Users implement MaskPolicy to
 // build their own; the four built-ins are the paper's rule and its ablations.
+import { NanotuneError } from "../errors.ts";
 import { type ScheduleLike, toSchedule } from "./schedules.ts";
 
 /** Which entries a refresh selects: the paper's rule, then its ablations. */
@@ -52,12 +53,12 @@ function builtin(name: string, criterion: Criterion) {
     const density = toSchedule(opts.density);
     const maskInterval = opts.maskInterval ?? 100;
     if (!Number.isInteger(maskInterval) || maskInterval < 1) {
-      throw new RangeError(`policies.${name}: maskInterval must be an integer >= 1, got ${maskInterval}`);
+      throw new NanotuneError("INVALID_ARGUMENT", `policies.${name}: maskInterval must be an integer >= 1, got ${maskInterval}`);
     }
     const perTensor = Object.entries(opts.perTensor ?? {}).map(([p, s]) => [p, toSchedule(s)] as const);
     const decide = (step: number, total: number): MaskDecision => {
       const k = density(step, total);
-      if (!(k > 0 && k <= 1)) throw new RangeError(`policies.${name}: density at step ${step} is ${k}; must be in (0, 1]`);
+      if (!(k > 0 && k <= 1)) throw new NanotuneError("INVALID_ARGUMENT", `policies.${name}: density at step ${step} is ${k}; must be in (0, 1]`);
       const d: MaskDecision = { criterion, density: k };
       if (perTensor.length) d.perTensor = Object.fromEntries(perTensor.map(([p, s]) => [p, s(step, total)]));
       if (opts.include) d.include = [...opts.include];

@@ -1,6 +1,7 @@
 // Schedules for the learning rate and the mask density. A schedule is a plain
 // function of the optimizer step (0-based) and the run's total steps, so users
 // can pass their own (`schedules.fn`) and the Trainer can evaluate it anywhere.
+import { NanotuneError } from "../errors.ts";
 
 /** Maps an optimizer step (0-based) and the run's total steps to a value. */
 export type Schedule = (step: number, totalSteps: number) => number;
@@ -12,7 +13,7 @@ export function toSchedule(s: ScheduleLike): Schedule {
 }
 
 function check(name: string, ok: boolean, what: string): void {
-  if (!ok) throw new RangeError(`schedules.${name}: ${what}`);
+  if (!ok) throw new NanotuneError("INVALID_ARGUMENT", `schedules.${name}: ${what}`);
 }
 
 export const schedules = {

@@ -1,26 +1,24 @@
 // The training loop, in TypeScript: the Trainer decides the lr of every step,
 // when the mask refreshes and with which policy; the sidecar does each step.
 // A recipe as torchtune writes one: setup (load model, data, optimizer, maybe
-// resume), train (steps, eval, checkpoints), save, cleanup.
-import { appendFileSync, mkdirSync, writeFileSync } from "node:fs";
+// resume), train (steps, eval, checkpoints), save, cleanup. The Trainer never
+// prints: it yields events and hands each to its sinks (ts/sinks/).
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { Result, Sidecar } from "../sidecar.ts";
+import { ConfigError, NanotuneError } from "../errors.ts";
+import type { Sidecar } from "../sidecar.ts";
+import { type Sink, sinks as builtinSinks } from "../sinks/index.ts";
 import { parseConfig, type ResolvedTrainerConfig, toPolicy, toScheduleOption, type TrainerOptions } from "./config.ts";
+import type { TrainerEvent } from "./events.ts";
 import type { MaskDecision, MaskPolicy } from "./policies.ts";
-import { ProgressBar } from "./progress.ts";
 import type { Schedule } from "./schedules.ts";
 
-/** What `trainer.run()` yields, in order: run:start, then per step train:step (and mask:refreshed, eval, checkpoint:saved), then run:end. */
-export type TrainerEvent =
-  | { type: "run:start"; step: number; model: Result<"load_model">; data: Result<"load_dataset">; optimizer: Result<"create_optimizer"> }
-  | ({ type: "train:step"; policy: string | null; tokensPerS: number } & Result<"train_step">)
-  | { type: "mask:refreshed"; step: number; policy: string; decision: MaskDecision }
-  | ({ type: "eval" } & Result<"evaluate">)
-  | { type: "checkpoint:saved"; step: number; path: string; timeS: number }
-  | { type: "run:end"; step: number; reason: "completed" | "aborted"; timeS: number; lastLoss: number | null };
+export type { TrainerEvent };
 
 export interface TrainerInit extends TrainerOptions {
   sidecar: Sidecar;
+  /** Where events go besides the iterator; default `sinks.defaults(config)` (progress bar on a TTY, runDir/metrics.jsonl). */
+  sinks?: Sink[];
 }
 
 export class Trainer {
@@ -32,14 +30,16 @@ export class Trainer {
   private pendingPolicy: MaskPolicy | null = null;
   private lastDecision: MaskDecision | null = null;
   private running = false;
+  private readonly sinks: Sink[];
 
-  constructor({ sidecar, ...options }: TrainerInit) {
+  constructor({ sidecar, sinks, ...options }: TrainerInit) {
     this.sidecar = sidecar;
     this.config = parseConfig(options, "Trainer options");
+    this.sinks = sinks ?? builtinSinks.defaults(this.config);
     this.lr = toScheduleOption(this.config.lr);
     this.policy = this.config.optimizer.name === "nanoadam" ? toPolicy(this.config.maskPolicy, this.config.optimizer.density ?? 0.01) : null;
     if (this.config.optimizer.name === "adamw" && this.config.maskPolicy !== undefined) {
-      throw new Error("Trainer options: maskPolicy needs optimizer.name 'nanoadam' (AdamW updates every entry)");
+      throw new ConfigError("Trainer options", [{ path: "maskPolicy", message: "needs optimizer.name 'nanoadam' (AdamW updates every entry)" }]);
     }
   }
 
@@ -50,24 +50,22 @@ export class Trainer {
 
   /** Swaps the mask policy; it takes effect at the next step, which refreshes the mask with it. */
   setMaskPolicy(policy: MaskPolicy): void {
-    if (this.policy === null) throw new Error("setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
+    if (this.policy === null) throw new NanotuneError("INVALID_ARGUMENT", "setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
     this.pendingPolicy = policy;
   }
 
   /** Runs setup and the loop; yields typed events and simply ends (aborted or completed). */
   async *run(options: { signal?: AbortSignal } = {}): AsyncGenerator<TrainerEvent, void, undefined> {
-    if (this.running) throw new Error("Trainer.run: this trainer is already running");
+    if (this.running) throw new NanotuneError("BUSY", "Trainer.run: this trainer is already running; await the first run's end");
     this.running = true;
     const { signal } = options;
     const cfg = this.config;
     const started = performance.now();
-    const log = this.openLog();
-    const bar = new ProgressBar(cfg.steps, cfg.progress ?? Boolean(process.stderr.isTTY));
+    this.writeConfig();
     let step = 0;
     let lastLoss: number | null = null;
-    const emit = (ev: TrainerEvent): TrainerEvent => {
-      log?.(ev);
-      bar.update(ev);
+    const emit = async (ev: TrainerEvent): Promise<TrainerEvent> => {
+      for (const sink of this.sinks) await sink.write(ev);
       return ev;
     };
     try {
@@ -80,10 +78,9 @@ export class Trainer {
       if (cfg.resumeFrom) {
         const resumed = await this.sidecar.call("load_checkpoint", { path: resolve(cfg.resumeFrom) }, call);
         step = resumed.step;
-        const mask = (resumed.extra as { mask?: MaskDecision | null }).mask;
-        this.lastDecision = mask ?? null;
+        this.lastDecision = resumed.extra.mask ?? null;
       }
-      yield emit({ type: "run:start", step, model, data, optimizer });
+      yield await emit({ type: "run:start", step, totalSteps: cfg.steps, model, data, optimizer });
 
       for (; step < cfg.steps; step++) {
         if (signal?.aborted) break;
@@ -92,28 +89,29 @@ export class Trainer {
         const r = await this.sidecar.call("train_step", { lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask }, call);
         lastLoss = r.loss;
         if (mask) this.lastDecision = mask;
-        yield emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
-        if (r.maskRefreshed && mask && this.policy) yield emit({ type: "mask:refreshed", step, policy: this.policy.name, decision: mask });
+        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
+        if (r.maskRefreshed && mask && this.policy) yield await emit({ type: "mask:refreshed", step, policy: this.policy.name, decision: mask });
         const done = step + 1;
         if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps)) {
-          yield emit({ type: "eval", ...(await this.sidecar.call("evaluate", {}, call)) });
+          yield await emit({ type: "eval", ...(await this.sidecar.call("evaluate", {}, call)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
           const path = join(resolve(cfg.runDir), "checkpoints", `step-${String(done).padStart(6, "0")}`);
-          const saved = await this.sidecar.call("save_checkpoint", { path, extra: { config: jsonConfig(cfg) } }, call);
-          yield emit({ type: "checkpoint:saved", step: done, path: saved.path, timeS: saved.timeS });
+          const policy = this.policy ? { name: this.policy.name, activatedAt: this.activatedAt } : null;
+          const saved = await this.sidecar.call("save_checkpoint", { path, extra: { config: jsonConfig(cfg), policy } }, call);
+          yield await emit({ type: "checkpoint:saved", step: done, path: saved.path, timeS: saved.timeS });
         }
       }
-      yield emit({ type: "run:end", step, reason: step >= cfg.steps ? "completed" : "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
+      yield await emit({ type: "run:end", step, reason: step >= cfg.steps ? "completed" : "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
     } catch (e) {
       if (signal?.aborted && (e as { code?: string }).code === "CANCELLED") {
-        yield emit({ type: "run:end", step, reason: "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
+        yield await emit({ type: "run:end", step, reason: "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
         return;
       }
       throw e;
     } finally {
-      bar.done();
       this.running = false;
+      for (const sink of this.sinks) await sink.close?.();
     }
   }
 
@@ -133,13 +131,12 @@ export class Trainer {
     return undefined;
   }
 
-  private openLog(): ((ev: TrainerEvent) => void) | null {
+  /** runDir/config.json: the resolved config, the run's record. */
+  private writeConfig(): void {
     const dir = this.config.runDir;
-    if (!dir) return null;
+    if (!dir) return;
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, "config.json"), `${JSON.stringify(jsonConfig(this.config), null, 2)}\n`);
-    const metrics = join(dir, "metrics.jsonl");
-    return (ev) => appendFileSync(metrics, `${JSON.stringify({ time: new Date().toISOString(), ...ev })}\n`);
   }
 }
 

@@ -1,4 +1,4 @@
-"""Reproduction 2: which entries to update, under equal budgets (PAPER.md, Ablations).
+"""Reproduction 2: which entries to update, under equal budgets (the paper, Ablations).
 
 The paper (BERT-base on SST-2, k0 = 1%, m = 131): small weights > random >
 large weights; small weights converge faster than largest-gradient selection

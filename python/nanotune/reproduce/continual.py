@@ -1,4 +1,4 @@
-"""Reproduction 3: continual learning, A then B (PAPER.md, Continual learning).
+"""Reproduction 3: continual learning, A then B (the paper, Continual learning).
 
 The paper (ViT-L, CIFAR-10 then Flowers102): NanoAdam keeps the first task
 better (average accuracy 98.95% vs AdamW 96.81%) and moves less from the

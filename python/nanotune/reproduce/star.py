@@ -1,4 +1,4 @@
-"""Reproduction 1: the star-shaped |w| vs |grad| scatter (PAPER.md, Observation).
+"""Reproduction 1: the star-shaped |w| vs |grad| scatter (the paper, Observation).
 
 The paper: during finetuning, large gradients sit on small-magnitude weights,
 more strongly than in training from scratch. We finetune the Lab's pretrained
@@ -126,7 +126,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cells = [f"{ov[k][str(s)]['above_chance']}/{result['blocks']}" for k in ("finetune", "scratch") for s in steps]
     lines.append("| block matrices above chance | " + " | ".join(cells) + " |")
-    lines += ["", "Paper (PAPER.md, Observation): a star shape, large gradients on small weights, stronger in "
+    lines += ["", "Paper (the paper, Observation): a star shape, large gradients on small weights, stronger in "
               "finetuning than from scratch (no overlap figure given)."]
     return "\n".join(lines) + "\n"
 

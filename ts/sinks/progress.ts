@@ -1,21 +1,21 @@
-// A one-line progress bar on stderr: step, loss, lr, density, tokens/s, ETA.
-// Quiet when disabled (not a TTY by default), so logs and CI stay clean.
+// The progress sink's bar (sinks.progress()): one line on stderr with step, loss,
+// lr, density, tokens/s and ETA, redrawn at most every 100 ms.
 import chalk from "chalk";
-import type { TrainerEvent } from "./trainer.ts";
+import type { TrainerEvent } from "../train/events.ts";
 
 export class ProgressBar {
   private readonly t0 = performance.now();
   private lastDraw = 0;
   private line = "";
 
+  /** `first`: the step the run starts at (resumed runs), so the ETA counts only this run's steps. */
   constructor(
     private readonly total: number,
-    private readonly enabled: boolean,
-    private readonly out: NodeJS.WriteStream = process.stderr,
+    private readonly first: number,
+    private readonly out: NodeJS.WriteStream,
   ) {}
 
   update(ev: TrainerEvent): void {
-    if (!this.enabled) return;
     if (ev.type === "eval") this.print(chalk.cyan(`eval @${ev.step}: loss ${ev.loss.toFixed(4)}, ppl ${ev.perplexity.toFixed(2)}`));
     if (ev.type === "mask:refreshed") this.print(chalk.magenta(`mask refreshed @${ev.step}: ${ev.policy} ${ev.decision.criterion} k=${ev.decision.density.toFixed(4)}`));
     if (ev.type === "checkpoint:saved") this.print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
@@ -27,7 +27,7 @@ export class ProgressBar {
     const width = 24;
     const filled = Math.round((done / this.total) * width);
     const elapsed = (now - this.t0) / 1000;
-    const eta = (elapsed / done) * (this.total - done);
+    const eta = (elapsed / Math.max(1, done - this.first)) * (this.total - done);
     this.line = [
       chalk.bold(`${"█".repeat(filled)}${"░".repeat(width - filled)}`),
       `${done}/${this.total}`,
@@ -47,7 +47,7 @@ export class ProgressBar {
   }
 
   done(): void {
-    if (this.enabled && this.line) this.out.write("\n");
+    if (this.line) this.out.write("\n");
   }
 }
 

@@ -1,0 +1,115 @@
+// Sinks: where a Trainer's events go. The Trainer only emits events; a sink turns
+// them into a progress bar, log lines, a metrics file, or a tracker's records.
+//
+//   new Trainer({ sidecar, ...config, sinks: [sinks.progress(), sinks.jsonl("runs/a/metrics.jsonl")] })
+//
+// Without `sinks` the Trainer uses `sinks.defaults(config)`: a progress bar when
+// stderr is a TTY (or `progress: true`) and metrics.jsonl in `runDir` when set.
+// A sink's write() may return a promise; the Trainer awaits it before going on, so
+// a slow sink slows training rather than losing events. An error thrown by a sink
+// ends the run (the Trainer rethrows it): a metrics file that cannot be written is
+// not something to discover after a long run.
+import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
+import { dirname, join } from "node:path";
+import chalk from "chalk";
+import type { TrainerEvent } from "../train/events.ts";
+import { ProgressBar } from "./progress.ts";
+
+export interface Sink {
+  /** A name for messages ("progress", "jsonl", ...). */
+  readonly name: string;
+  /** Called with every event, in order. */
+  write(event: TrainerEvent): void | Promise<void>;
+  /** Called once when the run ends (also after an error). */
+  close?(): void | Promise<void>;
+}
+
+export interface ProgressOptions {
+  /** Draw at all; default: when `out` is a TTY. */
+  enabled?: boolean;
+  /** Default process.stderr. */
+  out?: NodeJS.WriteStream;
+}
+
+export interface ConsoleOptions {
+  /** Print a train:step line every this many steps (and the last one). Default 10. */
+  every?: number;
+  /** Where lines go; default console.log. */
+  print?: (line: string) => void;
+}
+
+/** A one-line progress bar (step, loss, lr, density, tokens/s, ETA) with eval, mask and checkpoint lines above it. */
+function progress(options: ProgressOptions = {}): Sink {
+  const out = options.out ?? process.stderr;
+  const enabled = options.enabled ?? Boolean(out.isTTY);
+  let bar: ProgressBar | null = null;
+  return {
+    name: "progress",
+    write(ev) {
+      if (!enabled) return;
+      if (ev.type === "run:start") bar = new ProgressBar(ev.totalSteps, ev.step, out);
+      bar?.update(ev);
+    },
+    close() {
+      bar?.done();
+    },
+  };
+}
+
+/** Plain log lines for logs and CI: the run's start, every `every`-th step, eval, checkpoints, the end. */
+function consoleLines(options: ConsoleOptions = {}): Sink {
+  const every = options.every ?? 10;
+  const print = options.print ?? ((line: string) => console.log(line));
+  let total = 0;
+  return {
+    name: "console",
+    write(ev) {
+      switch (ev.type) {
+        case "run:start":
+          total = ev.totalSteps;
+          return print(`model ${ev.model.path}: ${ev.model.parameters.toLocaleString("en-US")} params on ${ev.model.device}; ${ev.data.trainExamples} examples`);
+        case "train:step":
+          if (ev.step % every === 0 || ev.step + 1 === total) {
+            print(`step ${ev.step}: loss ${ev.loss.toFixed(4)} lr ${ev.lr.toExponential(2)}${ev.density === null ? "" : ` k ${ev.density.toFixed(4)}`}`);
+          }
+          return;
+        case "mask:refreshed":
+          return;
+        case "eval":
+          return print(chalk.cyan(`eval @${ev.step}: loss ${ev.loss.toFixed(4)} ppl ${ev.perplexity.toFixed(2)}`));
+        case "checkpoint:saved":
+          return print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
+        case "run:end":
+          return print(`${ev.reason} after ${ev.step} steps in ${ev.timeS.toFixed(1)} s; last loss ${ev.lastLoss?.toFixed(4) ?? "-"}`);
+      }
+    },
+  };
+}
+
+/** Every event as one JSON line `{time, type, ...}` appended to `path` (its directory is created). */
+function jsonl(path: string): Sink {
+  let fd: number | null = null;
+  return {
+    name: "jsonl",
+    write(ev) {
+      if (fd === null) {
+        mkdirSync(dirname(path), { recursive: true });
+        fd = openSync(path, "a");
+      }
+      writeSync(fd, `${JSON.stringify({ time: new Date().toISOString(), ...ev })}\n`);
+    },
+    close() {
+      if (fd !== null) closeSync(fd);
+      fd = null;
+    },
+  };
+}
+
+/** What a Trainer uses when given no `sinks`: a progress bar (when `progress`, default: stderr is a TTY) and `runDir`/metrics.jsonl. */
+function defaults(config: { runDir?: string | null; progress?: boolean }): Sink[] {
+  const out: Sink[] = [progress({ enabled: config.progress })];
+  if (config.runDir) out.push(jsonl(join(config.runDir, "metrics.jsonl")));
+  return out;
+}
+
+export const sinks = { progress, console: consoleLines, jsonl, defaults } as const;
