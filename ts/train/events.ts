@@ -15,7 +15,14 @@ export type TrainerEvent =
       data: Result<"load_dataset">;
       optimizer: Result<"create_optimizer">;
     }
-  | ({ type: "train:step"; policy: string | null; tokensPerS: number } & Result<"train_step">)
+  | ({
+      type: "train:step";
+      /** The active mask policy's name (null with AdamW). */
+      policy: string | null;
+      /** The mask decision sent with this step (it refreshed the mask before the step), or null when the mask stayed. */
+      mask: MaskDecision | null;
+      tokensPerS: number;
+    } & Result<"train_step">)
   | { type: "mask:refreshed"; step: number; policy: string; decision: MaskDecision }
   | ({ type: "eval" } & Result<"evaluate">)
   | { type: "checkpoint:saved"; step: number; path: string; timeS: number }

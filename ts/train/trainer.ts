@@ -89,7 +89,7 @@ export class Trainer {
         const r = await this.sidecar.call("train_step", { lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask }, call);
         lastLoss = r.loss;
         if (mask) this.lastDecision = mask;
-        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
+        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
         if (r.maskRefreshed && mask && this.policy) yield await emit({ type: "mask:refreshed", step, policy: this.policy.name, decision: mask });
         const done = step + 1;
         if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps)) {
