@@ -178,7 +178,7 @@ export function toJSON() {
     return rest;
   };
   return {
-    $comment: "Generated from protocol/schema.ts by `npm run protocol:schema`; do not edit.",
+    $comment: "Generated from protocol/schema.ts by `npm run protocol:generate`; do not edit.",
     protocolVersion: PROTOCOL_VERSION,
     errorCodes,
     dtypes: DType.options,

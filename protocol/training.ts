@@ -117,7 +117,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   },
   create_optimizer: {
     thread: "compute",
-    description: "NanoAdam (maskInterval null: the controller decides refreshes) or AdamW as the baseline.",
+    description: "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline.",
     params: CreateOptimizerParams,
     result: z.strictObject({
       name: z.string(),

@@ -387,7 +387,7 @@ METHODS: dict[str, MethodSpec] = {
     "debug.store": MethodSpec(DebugStoreParams, DebugStoreResult, "compute", "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value."),
     "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run."),
     "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation."),
-    "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (maskInterval null: the controller decides refreshes) or AdamW as the baseline."),
+    "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline."),
     "train_step": MethodSpec(TrainStepParams, TrainStepResult, "compute", "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it."),
     "set_mask_policy": MethodSpec(SetMaskPolicyParams, MaskResult, "compute", "Sets criterion and densities; the masks refresh before the next step (now: at once)."),
     "refresh_mask": MethodSpec(RefreshMaskParams, MaskResult, "compute", "Refreshes every mask now from the current weights (with the given or the last decision)."),
