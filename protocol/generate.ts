@@ -62,6 +62,7 @@ const comment = (s: string | undefined) => (s ? `  # ${s.replace(/\s+/g, " ")}` 
 class PythonStructs {
   readonly classes: string[] = [];
   private readonly byName = new Map<string, string>(); // class name -> canonical JSON of its schema
+  private readonly titled = new Map<string, JSONSchema>(); // Structs named by a .meta({ title }), candidates for subclassing
 
   /** The Python type of `s`; `name` is the class name an object schema without a title gets. */
   type(s: JSONSchema, name: string, where: string): string {
@@ -123,8 +124,11 @@ class PythonStructs {
     this.byName.set(name, key);
     if (s.additionalProperties !== false) throw new Error(`${where}: wire objects must be strict (z.strictObject)`);
     const required = new Set(s.required ?? []);
+    const base = this.baseOf(s);
+    if (s.title) this.titled.set(name, s);
     const fields: string[] = [];
     for (const [wireName, prop] of Object.entries(s.properties ?? {})) {
+      if (base && wireName in base.schema.properties!) continue; // inherited
       const field = PY_KEYWORDS.has(snake(wireName)) ? `${snake(wireName)}_` : snake(wireName);
       let type = this.type(prop, name + pascal(wireName), `${where}.${wireName}`);
       const rename = field === wireName ? null : JSON.stringify(wireName);
@@ -139,8 +143,27 @@ class PythonStructs {
       fields.push(`    ${field}: ${type}${rhs}${comment(prop.description)}`);
     }
     const doc = s.description ? `    """${s.description.replace(/"""/g, "'''")}"""\n\n` : "";
-    this.classes.push(`class ${name}(Model):\n${doc}${fields.join("\n") || "    pass"}\n`);
+    this.classes.push(`class ${name}(${base?.name ?? "Model"}):\n${doc}${fields.join("\n") || "    pass"}\n`);
     return name;
+  }
+
+  /**
+   * The largest titled Struct whose fields this object schema has too, unchanged
+   * (what zod's `.extend()` makes): the new Struct subclasses it, so Python code can
+   * treat it as one (SetMaskPolicyParams is a MaskDecision).
+   */
+  private baseOf(s: JSONSchema): { name: string; schema: JSONSchema } | null {
+    let best: { name: string; schema: JSONSchema } | null = null;
+    for (const [name, t] of this.titled) {
+      const props = Object.entries(t.properties ?? {});
+      const extends_ =
+        props.length < Object.keys(s.properties ?? {}).length &&
+        props.every(([k, v]) => JSON.stringify(s.properties?.[k]) === JSON.stringify(v)) &&
+        (t.required ?? []).every((k) => s.required?.includes(k)) &&
+        (s.required ?? []).filter((k) => k in t.properties!).length === (t.required ?? []).length;
+      if (extends_ && (!best || props.length > Object.keys(best.schema.properties!).length)) best = { name, schema: t };
+    }
+    return best;
   }
 }
 
@@ -191,7 +214,9 @@ DTYPES = (${json.dtypes.map((d) => JSON.stringify(d)).join(", ")})
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """Base of every wire Struct: unknown fields are errors; absent optional fields are omitted."""
+    """Base of every wire Struct: unknown fields are errors; absent optional fields are
+    omitted. A field whose wire name differs from its Python name says so with
+    msgspec.field(name=...), rather than a blanket rename rule."""
 
 
 ${structs.classes.join("\n\n")}

@@ -31,18 +31,20 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidParams
+
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointState", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "nanotune-checkpoint-v1"
 MODEL_DIR, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = "model", "optimizer.pt", "rng.pt", "trainer_state.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint could not be saved or loaded; `path` names the file or directory at fault."""
+class CheckpointError(InvalidParams):
+    """A checkpoint could not be saved or loaded (code INVALID_PARAMS); `path` names the
+    file or directory at fault."""
 
     def __init__(self, message: str, path: str | os.PathLike | None = None):
-        super().__init__(message)
-        self.path = None if path is None else str(path)
+        super().__init__(message, path=None if path is None else str(path))
 
 
 @dataclass

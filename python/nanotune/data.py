@@ -43,6 +43,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import InvalidParams
+
 __all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE_INDEX", "BatchIterator", "DatasetError",
            "LoadedDataset", "TokenizedDataset", "collate", "load_dataset", "read_rows"]
 
@@ -64,18 +66,16 @@ _ALIASES = {"plain": "text", "alpaca": "instruction", "commonsense": "instructio
 _REQUIRED = {"text": ("text",), "instruction": ("instruction", "output"), "chat": ("messages",)}
 
 
-class DatasetError(ValueError):
-    """Bad data. `path`, `line` (1-based, None if not about one row) and `field`
-    name what was wrong; the message starts with "path:line:"."""
+class DatasetError(InvalidParams):
+    """Bad data (code INVALID_PARAMS). `path`, `line` (1-based, None if not about one
+    row) and `field` name what was wrong; the message starts with "path:line:"."""
 
     def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
                  field: str | None = None):
-        self.path = None if path is None else str(path)
-        self.line = line
-        self.field = field
         where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
         what = f"field {field!r}: " if field is not None else ""
-        super().__init__(f"{where}{what}{message}")
+        super().__init__(f"{where}{what}{message}", path=None if path is None else str(path), line=line,
+                         field=field)
 
 
 # ---------------------------------------------------------------------------
@@ -376,9 +376,10 @@ class BatchIterator:
     def __init__(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
                  epochs: int | None = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DatasetError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
         if drop_last and batch_size > len(dataset):
-            raise ValueError(f"batch_size={batch_size} with drop_last leaves no batch from {len(dataset)} examples")
+            raise DatasetError(f"batch_size={batch_size} with drop_last leaves no batch from {len(dataset)} examples",
+                               field="batch_size")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.drop_last, self.epochs = drop_last, epochs
         self.epoch = 0  # the epoch being read
@@ -422,9 +423,10 @@ class BatchIterator:
         for key in ("num_examples", "seed", "shuffle"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
-                raise ValueError(f"data position: {key}={state[key]!r} in the checkpoint but {mine!r} here; "
-                                 f"resuming would not continue the same data order")
+                raise DatasetError(f"data position: {key}={state[key]!r} in the checkpoint but {mine!r} here; "
+                                   f"resuming would not continue the same data order", field="data_state")
         for key in ("epoch", "index"):
             if not isinstance(state.get(key), int) or state[key] < 0:
-                raise ValueError(f"data position: {key} must be a non-negative integer, got {state.get(key)!r}")
+                raise DatasetError(f"data position: {key} must be a non-negative integer, got {state.get(key)!r}",
+                                   field="data_state")
         self.epoch, self.index = state["epoch"], state["index"]

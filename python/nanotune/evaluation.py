@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidParams
+
 __all__ = [
     "Example",
     "TaskFormatError",
@@ -56,8 +58,8 @@ __all__ = [
 ]
 
 
-class TaskFormatError(ValueError):
-    """A task file that cannot be read; the message names file, line and field."""
+class TaskFormatError(InvalidParams):
+    """A task file that cannot be read (code INVALID_PARAMS); the message names file, line and field."""
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "ModelError", "PRESETS", "load_model", "build_preset", "cache_dir", "model_info",
-           "resolve_device", "resolve_dtype"]
+from .errors import InvalidParams
+
+__all__ = ["LoadedModel", "ModelError", "PRESETS", "load_model", "build_preset", "cache_dir", "default_dtype",
+           "model_info", "resolve_device", "resolve_dtype"]
 
 
-class ModelError(ValueError):
-    """A model could not be loaded; `path` names the directory or preset that was wrong."""
+class ModelError(InvalidParams):
+    """A model could not be loaded (code INVALID_PARAMS); `path` names the directory or
+    preset that was wrong, `field` the option ("device", "dtype") when it was one."""
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None):
-        super().__init__(message)
-        self.path = None if path is None else str(path)
+    def __init__(self, message: str, path: str | os.PathLike | None = None, field: str | None = None):
+        super().__init__(message, path=None if path is None else str(path), field=field)
 
 
 @dataclass
@@ -83,17 +85,44 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nanotune"
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" means cuda when available, else cpu; anything else is checked as given."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None = "auto", default: str | torch.device | None = None
+                   ) -> torch.device:
+    """The one device resolver: the sidecar's warm-up (--device) and load_model both use it.
+
+    device: "auto" or None means `default` when one is given (the sidecar passes the
+        device it chose at start, so a sidecar started on cpu loads on cpu even when
+        torch sees a GPU), else cuda when torch sees one, else cpu. A plain "cuda" means
+        `default` when that is a CUDA device, else the current CUDA device. Anything
+        else ("cpu", "cuda:1") is honoured as given, after checking it exists.
+    The result of a CUDA device always has its index ("cuda:0"), as hello reports it.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if default is not None:
+            return resolve_device(default)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ModelError(f"device: {device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device: {device!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
+        raise ModelError(f"device: {device!r} is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')",
+                         field="device") from e
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ModelError(f"device: {str(device)!r} was asked for but CUDA is not available "
+                         f"(torch {torch.__version__}; use 'auto' or 'cpu')", field="device")
+    if dev.index is None:
+        if default is not None and (d := torch.device(default)).type == "cuda":
+            return resolve_device(d)
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device: {str(device)!r} does not exist; torch sees {torch.cuda.device_count()} "
+                         "CUDA device(s)", field="device")
     return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -101,14 +130,14 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None means bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    """None means default_dtype(device)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ModelError(f"dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
+    raise ModelError(f"dtype: {dtype!r} is not one of {sorted(_DTYPES)}", field="dtype")
 
 
 # ---------------------------------------------------------------------------
@@ -263,15 +292,16 @@ def _dtype_kwarg() -> str:
 
 
 def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "auto", gradient_checkpointing: bool = False,
-               seed: int = 0) -> LoadedModel:
+               device: str | torch.device | None = "auto", gradient_checkpointing: bool = False,
+               seed: int = 0, default_device: str | torch.device | None = None) -> LoadedModel:
     """Loads a causal LM and its tokenizer.
 
     path_or_preset: a local HF directory (config.json, *.safetensors, tokenizer
         files; nothing is downloaded) or a preset name from PRESETS (a preset name
         wins over a directory of the same name: write ./tiny-llama for the latter).
     dtype: None (default) = bf16 on CUDA, fp32 on CPU; or "bf16"/"fp16"/"fp32"/a torch.dtype.
-    device: "auto" (default) = cuda if available, else cpu; or "cpu", "cuda:1", ...
+    device: "auto" (default) = default_device if given (the sidecar's device), else cuda if
+        available, else cpu; or "cpu", "cuda", "cuda:1", ... (see resolve_device).
     gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
     seed: the init seed of a preset (0, the default, is the shared cached build); unused for directories.
     """
@@ -279,7 +309,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the sidecar's stderr is a log, not a terminal
-    dev = resolve_device(device)
+    dev = resolve_device(device, default_device)
     dt = resolve_dtype(dtype, dev)
     name = str(path_or_preset)
     preset = name if name in PRESETS else None

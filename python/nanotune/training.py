@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import time
 from typing import Any, Iterable, Sequence
 
@@ -21,16 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+from .errors import InvalidParams
 
 __all__ = ["OptimizerError", "create_optimizer", "evaluate", "generate", "train_step"]
 
 
-class OptimizerError(ValueError):
-    """Bad create_optimizer arguments; `option` names the one that was wrong."""
+class OptimizerError(InvalidParams):
+    """Bad create_optimizer arguments (code INVALID_PARAMS); `option` names the one that was wrong."""
 
     def __init__(self, message: str, option: str | None = None):
-        super().__init__(message)
-        self.option = option
+        super().__init__(message, option=option)
 
 
 def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any) -> torch.optim.Optimizer:
@@ -39,18 +40,28 @@ def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any
     and `tied` ("sparse" or "dense", see Note [tied tensors] in optim.py).
     name="adamw": torch.optim.AdamW over the trainable parameters (the dense
     baseline); opts are AdamW's, with weight_decay defaulting to 0.0 like NanoAdam
-    (torch's own default is 0.01). An unknown option raises OptimizerError naming it."""
-    if name == "adamw":
-        opts.setdefault("weight_decay", 0.0)
-        _check_options(torch.optim.AdamW, opts, name)
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **opts)
-    if name == "nanoadam":
-        from .optim import NanoAdam, nanoadam_param_groups  # lazy: the sidecar loads without it
+    (torch's own default is 0.01). moments_dtype and index_dtype may be torch dtypes or
+    their names ("bfloat16", "int32"). An unknown or invalid option raises OptimizerError
+    naming it."""
+    opts = {k: getattr(torch, v) if k in ("moments_dtype", "index_dtype") and isinstance(v, str) else v
+            for k, v in opts.items()}
+    try:
+        if name == "adamw":
+            opts.setdefault("weight_decay", 0.0)
+            _check_options(torch.optim.AdamW, opts, name)
+            return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **opts)
+        if name == "nanoadam":
+            from .optim import NanoAdam, nanoadam_param_groups  # lazy: the sidecar loads without it
 
-        dense = opts.pop("dense", ("lm_head", "norm"))
-        tied = opts.pop("tied", "sparse")
-        _check_options(NanoAdam, opts, name)
-        return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense), tied=tied), **opts)
+            dense = opts.pop("dense", ("lm_head", "norm"))
+            tied = opts.pop("tied", "sparse")
+            _check_options(NanoAdam, opts, name)
+            return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense), tied=tied), **opts)
+    except OptimizerError:
+        raise
+    except ValueError as e:  # the optimizers' own checks: "Invalid betas[0]: 1.5; must be in [0, 1)"
+        m = re.match(r"Invalid (\w+)", str(e))
+        raise OptimizerError(f"{name}: {e}", m.group(1) if m else None) from e
     raise OptimizerError(f"optimizer name {name!r} is not 'nanoadam' or 'adamw'", "name")
 
 
@@ -100,13 +111,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     are 1.0 / False for optimizers without them, such as AdamW.
     """
     if not batches:
-        raise ValueError("train_step needs at least one micro-batch")
+        raise InvalidParams("train_step needs at least one micro-batch", field="grad_accum")
     if not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        raise InvalidParams(f"lr must be a finite number >= 0, got {lr!r}", field="lr")
     sparse_grads = bool(getattr(optimizer, "sparse_gradients", False))  # NanoAdam frees dense grads in backward
     if grad_clip is not None and sparse_grads:
-        raise ValueError("grad_clip needs the full gradients, which NanoAdam(sparse_gradients=True) frees "
-                         "during backward; turn one of them off")
+        raise InvalidParams("grad_clip needs the full gradients, which NanoAdam(sparse_gradients=True) frees "
+                            "during backward; turn one of them off", field="grad_clip")
     _sync(model)
     start = time.perf_counter()
     model.train()
@@ -114,7 +125,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         group["lr"] = lr
     tokens = sum(_targets(b) for b in batches)
     if tokens == 0:
-        raise ValueError("train_step: the micro-batches have no target tokens (all labels are -100)")
+        raise InvalidParams("train_step: the micro-batches have no target tokens (all labels are -100)")
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for batch in batches:
@@ -161,7 +172,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]])
     finally:
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("evaluate: no target tokens in the batches")
+        raise InvalidParams("evaluate: no target tokens in the batches")
     loss = float(total) / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 

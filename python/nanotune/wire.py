@@ -57,7 +57,9 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16",
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """Base of every wire Struct: unknown fields are errors; absent optional fields are omitted."""
+    """Base of every wire Struct: unknown fields are errors; absent optional fields are
+    omitted. A field whose wire name differs from its Python name says so with
+    msgspec.field(name=...), rather than a blanket rename rule."""
 
 
 class TensorRef(Model):
@@ -268,12 +270,7 @@ class TrainStepResult(Model):
     state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")  # bytes of optimizer state after the step
 
 
-class SetMaskPolicyParams(Model):
-    criterion: Literal["small_weights", "large_weights", "random", "large_grads"]
-    density: Annotated[float, Meta(le=1, gt=0)]  # density of every tensor not matched by perTensor
-    per_tensor: dict[str, Annotated[float, Meta(ge=0, le=1)]] | None = msgspec.field(default=None, name="perTensor")  # regular expression on tensor names -> density; first match wins; 0 freezes
-    include: list[str] | None = None  # only tensors matching one of these train
-    exclude: list[str] | None = None  # tensors matching one of these are frozen
+class SetMaskPolicyParams(MaskDecision):
     now: bool | None = None
 
 

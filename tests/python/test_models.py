@@ -144,3 +144,41 @@ def test_small_llama_preset_is_about_30m_parameters():
     with torch.device("meta"):  # counts shapes without building the 120 MB preset
         model = LlamaForCausalLM(LlamaConfig(**spec, tie_word_embeddings=True))
     assert 25e6 < model_info(model)["parameters"] < 35e6
+
+
+def test_one_device_resolver_honours_the_sidecars_device_when_torch_sees_cuda(monkeypatch):
+    """The sidecar started with --device cpu passes "cpu" as the default: load_model's
+    "auto"/absent device is then cpu even where torch sees a GPU (faked here: this
+    checks the pure resolver, which never touches the device)."""
+    from nanotune.models import default_dtype, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cpu, cuda0, cuda1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert resolve_device("auto", default="cpu") == cpu
+    assert resolve_device(None, default="cpu") == cpu
+    assert resolve_device("auto") == cuda0  # the warm-up's --device auto: cuda when torch sees it
+    assert resolve_device("cuda") == cuda0  # always with its index, as hello reports it
+    assert resolve_device("cuda", default="cuda:1") == cuda1  # plain "cuda": the sidecar's CUDA device
+    assert resolve_device("cuda", default="cpu") == cuda0  # asked for explicitly: honoured
+    assert resolve_device("cuda:1", default="cpu") == cuda1
+    assert resolve_device("cpu", default="cuda:1") == cpu
+    assert resolve_device("auto", default="cuda:1") == cuda1
+    with pytest.raises(ModelError, match="'cuda:2' does not exist") as e:
+        resolve_device("cuda:2", default="cpu")
+    assert e.value.code == "INVALID_PARAMS" and e.value.data == {"field": "device"}
+    assert default_dtype(cpu) == torch.float32 and default_dtype(cuda0) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == cpu
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        resolve_device("auto", default="cuda:0")  # a default is checked like an explicit device
+
+
+def test_model_errors_are_nanotune_errors_with_the_path_in_data(tmp_path):
+    from nanotune.errors import NanotuneError, SidecarError
+
+    with pytest.raises(NanotuneError) as e:
+        load_model(tmp_path / "nope", device="cpu")
+    assert isinstance(e.value, ModelError) and isinstance(e.value, ValueError) and SidecarError is NanotuneError
+    assert e.value.code == "INVALID_PARAMS" and e.value.data == {"path": str(tmp_path / "nope")}

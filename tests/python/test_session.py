@@ -1,26 +1,30 @@
 """The Session the sidecar's training methods wrap: order of calls, masks, checkpoints."""
 
+import json
+
 import pytest
 import torch
 
 from nanotune.session import Session, SessionError
+from nanotune import wire
+from nanotune.wire import MaskDecision, PolicyState
 
 ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
 
 
 @pytest.fixture
 def session(tiny_dir, write_jsonl):
-    s = Session()
-    s.load_model("tiny-llama", device="cpu")
-    s.load_dataset(str(write_jsonl(ROWS)), eval_fraction=0.1, seed=3)
-    s.create_optimizer("nanoadam", lr=1e-3, density=0.1)
+    s = Session(device="cpu")
+    s.load_model(path="tiny-llama")
+    s.load_dataset(path=str(write_jsonl(ROWS)), eval_fraction=0.1, seed=3)
+    s.create_optimizer(wire.CreateOptimizerParams(name="nanoadam", lr=1e-3, density=0.1))
     return s
 
 
 def test_calls_out_of_order_name_what_is_missing():
     s = Session()
     with pytest.raises(SessionError, match="load_model"):
-        s.create_optimizer("nanoadam")
+        s.create_optimizer(name="nanoadam")
     with pytest.raises(SessionError, match="load_model"):
         s.train_step(lr=1e-3)
 
@@ -28,14 +32,14 @@ def test_calls_out_of_order_name_what_is_missing():
 def test_mask_refreshes_only_when_told(session):
     small = {"criterion": "small_weights", "density": 0.1}
     first = session.train_step(lr=1e-2, micro_batch=2, mask=small)
-    assert first["mask_refreshed"] and first["step"] == 0
+    assert first.mask_refreshed and first.step == 0
     masks = {n: m.clone() for n, m in session.masks().items()}
     for _ in range(3):
         out = session.train_step(lr=1e-2, micro_batch=2)
-        assert not out["mask_refreshed"]
+        assert not out.mask_refreshed
     assert all(torch.equal(m, session.masks()[n]) for n, m in masks.items())
     out = session.train_step(lr=1e-2, micro_batch=2, mask={"criterion": "random", "density": 0.05})
-    assert out["mask_refreshed"] and out["density"] == pytest.approx(0.05)
+    assert out.mask_refreshed and out.density == pytest.approx(0.05)
     assert not all(torch.equal(m, session.masks()[n]) for n, m in masks.items())
 
 
@@ -63,20 +67,60 @@ def test_include_exclude_and_per_tensor_densities(session):
 
 def test_checkpoint_resume_continues_identically(session, tmp_path):
     mask = {"criterion": "small_weights", "density": 0.1}
-    losses = [session.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None)["loss"]
+    losses = [session.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None).loss
               for i in range(6)]
-    session.save_checkpoint(str(tmp_path / "ckpt"))
-    tail = [session.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None)["loss"]
+    session.save_checkpoint(path=str(tmp_path / "ckpt"))
+    tail = [session.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None).loss
             for i in range(6, 10)]
 
     again = Session()
-    again.load_model("tiny-llama", device="cpu", seed=7)  # other weights: the checkpoint must restore them
-    again.load_dataset(session.data.info["path"], eval_fraction=0.1, seed=3)
-    again.create_optimizer("nanoadam", lr=1e-3, density=0.1)
-    state = again.load_checkpoint(str(tmp_path / "ckpt"))
-    assert state["step"] == 6 and again.step == 6
-    resumed = [again.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None)["loss"]
+    again.load_model(path="tiny-llama", device="cpu", seed=7)  # other weights: the checkpoint must restore them
+    again.load_dataset(path=session.data.info["path"], eval_fraction=0.1, seed=3)
+    again.create_optimizer(name="nanoadam", lr=1e-3, density=0.1)
+    state = again.load_checkpoint(path=str(tmp_path / "ckpt"))
+    assert state.step == 6 and again.step == 6
+    resumed = [again.train_step(lr=1e-2, micro_batch=2, grad_accum=2, mask=mask if i % 4 == 0 else None).loss
                for i in range(6, 10)]
     assert resumed == tail and len(losses) == 6
     ev = again.evaluate(batch_size=4)
-    assert ev["loss"] > 0 and ev["tokens"] > 0
+    assert ev.loss > 0 and ev.tokens > 0 and ev.step == 10
+
+
+def test_a_mask_decision_is_a_wire_struct_or_its_wire_form(session):
+    as_struct = MaskDecision(criterion="small_weights", density=0.1, per_tensor={"mlp": 0.5})
+    session.set_mask_policy(as_struct, now=True)
+    by_struct = {n: m.clone() for n, m in session.masks().items()}
+    session.set_mask_policy({"criterion": "small_weights", "density": 0.1, "perTensor": {"mlp": 0.5}}, now=True)
+    assert session.mask == as_struct
+    assert all(torch.equal(m, session.masks()[n]) for n, m in by_struct.items())
+    with pytest.raises(SessionError, match="mask.per_tensor"):  # Python names are not the wire form
+        session.set_mask_policy({"criterion": "random", "density": 0.1, "per_tensor": {}})
+
+
+def test_checkpoint_extra_keeps_the_mask_the_optimizer_and_the_callers_parts(session, tmp_path):
+    mask = MaskDecision(criterion="small_weights", density=0.1, per_tensor={"mlp": 0.5})
+    session.train_step(lr=1e-2, micro_batch=2, mask=mask)
+    extra = wire.CheckpointExtra(policy=PolicyState(name="smallWeights", activated_at=0), config={"steps": 3},
+                                 user={"note": "x"})
+    session.save_checkpoint(path=str(tmp_path / "c"), extra=extra)
+    saved = json.loads((tmp_path / "c" / "trainer_state.json").read_text())["extra"]
+    assert saved == {"mask": {"criterion": "small_weights", "density": 0.1, "perTensor": {"mlp": 0.5}},
+                     "optimizer": {"name": "nanoadam", "lr": 1e-3, "density": 0.1},
+                     "policy": {"name": "smallWeights", "activatedAt": 0}, "config": {"steps": 3},
+                     "user": {"note": "x"}}
+    session.set_mask_policy({"criterion": "random", "density": 0.2})
+    out = session.load_checkpoint(path=str(tmp_path / "c"))
+    assert out.extra.mask == mask == session.mask
+    assert out.extra.policy == PolicyState(name="smallWeights", activated_at=0)
+    assert out.extra.optimizer == session.optimizer_params
+
+
+def test_keyword_arguments_are_checked_against_the_schema(session):
+    with pytest.raises(SessionError, match="params.microBatch: Expected `int` >= 1"):
+        session.train_step(lr=1e-3, micro_batch=0)  # the schema's constraint, not a hand-written check
+    with pytest.raises(SessionError, match="unexpected keyword argument 'densty'|'densty'"):
+        session.create_optimizer(name="nanoadam", densty=0.1)
+    with pytest.raises(SessionError, match="'density' is a NanoAdam option"):
+        session.create_optimizer(name="adamw", density=0.1)
+    with pytest.raises(TypeError, match="pass a TrainStepParams"):
+        session.train_step(wire.EvaluateParams())

@@ -14,7 +14,11 @@ import pytest
 import zmq
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")]))}
+
+
+def env():
+    """Read when a sidecar starts, so it gets conftest's private NANOTUNE_CACHE."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")]))}
 
 
 def alive(pid):
@@ -32,7 +36,7 @@ def alive(pid):
 def start(tmp_path, *extra):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanotune.sidecar", "--endpoint", f"ipc://{tmp_path}/s.sock", "--device", "cpu", *extra],
-        stdout=subprocess.PIPE, env=ENV,
+        stdout=subprocess.PIPE, env=env(),
     )
     ready = json.loads(proc.stdout.readline())
     assert ready["pid"] == proc.pid
@@ -85,6 +89,30 @@ def test_hello_reports_the_runtime_and_rejects_another_version(sidecar):
     msg, _ = c.call("hello", {"protocol": 7})
     assert msg["error"]["code"] == "PROTOCOL_MISMATCH"
     assert "v7" in msg["error"]["message"] and "v1" in msg["error"]["message"]
+
+
+def test_load_model_defaults_to_the_device_hello_reports(sidecar):
+    """Started with --device cpu: hello says cpu and load_model without a device (or
+    "auto") loads there, whatever torch sees (models.resolve_device decides both)."""
+    _, c = sidecar
+    device = c.call("hello", {"protocol": 1})[0]["result"]["device"]
+    for params in ({"path": "tiny-llama"}, {"path": "tiny-llama", "device": "auto"}):
+        r = c.call("load_model", params)[0]["result"]
+        assert r["device"] == device == "cpu" and r["dtype"] == "float32"
+
+
+def test_our_errors_become_replies_with_their_code_and_data(sidecar, tmp_path):
+    _, c = sidecar
+    c.call("load_model", {"path": "tiny-llama"})
+    err = c.call("load_dataset", {"path": str(tmp_path / "nope.jsonl")})[0]["error"]
+    assert err["code"] == "INVALID_PARAMS" and err["data"] == {"path": str(tmp_path / "nope.jsonl")}
+    assert err["message"].startswith(f"load_dataset: {tmp_path / 'nope.jsonl'}: ") and "traceback" not in err
+    err = c.call("train_step", {"lr": 1e-3})[0]["error"]  # before create_optimizer: a SessionError
+    assert err["code"] == "INVALID_PARAMS" and err["data"] == {"field": "optimizer"}
+    err = c.call("train_step", {"lr": 1e-3, "microBatch": 0})[0]["error"]  # the schema's microBatch >= 1
+    assert err["code"] == "INVALID_PARAMS" and err["data"] == {"field": "params.microBatch"}
+    err = c.call("load_model", {"path": "tiny-llama", "device": "gpu7"})[0]["error"]
+    assert err["code"] == "INVALID_PARAMS" and err["data"] == {"field": "device"} and "'gpu7'" in err["message"]
 
 
 def test_control_calls_are_answered_during_a_compute_call_which_cancel_ends(sidecar):
@@ -150,6 +178,23 @@ def test_a_tensor_round_trips_bit_exact(sidecar):
     assert frames[0] == a.tobytes()
 
 
+def test_a_failed_warm_up_is_reported_by_hello_and_every_compute_call(tmp_path):
+    proc, endpoint = start(tmp_path, "--device", "gpu7")  # the last --device wins
+    c = Client(endpoint)
+    try:
+        for method, params in (("hello", {"protocol": 1}), ("debug.store", {"key": "k"})):
+            err = c.call(method, params)[0]["error"]
+            assert err["code"] == "INTERNAL", err
+            assert err["message"].startswith(f"{method}: the sidecar failed to start: device: 'gpu7' is not a device")
+        assert c.call("status")[0]["result"]["ready"] is True
+        assert c.call("shutdown")[0]["result"] == {}
+        assert proc.wait(10) == 0
+    finally:
+        c.sock.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_it_exits_when_the_parent_dies(tmp_path):
     # parent: a Python process that starts the sidecar with itself as parent, then sleeps
     code = (
@@ -157,7 +202,7 @@ def test_it_exits_when_the_parent_dies(tmp_path):
         f"p = subprocess.Popen([sys.executable, '-m', 'nanotune.sidecar', '--endpoint', 'ipc://{tmp_path}/p.sock', '--parent-pid', str(os.getpid())], stdout=subprocess.PIPE);"
         "print(p.pid, flush=True); p.stdout.readline(); print('ready', flush=True); time.sleep(60)"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=ENV, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env(), text=True)
     pid = int(parent.stdout.readline())
     assert parent.stdout.readline().strip() == "ready"
     parent.kill()

@@ -1,2 +1,3 @@
-"""Sidecar method modules: every module here is imported when the sidecar starts
-(see nanotune.sidecar.registry)."""
+"""Sidecar handler modules: every module here is imported by the sidecar's warm-up
+(nanotune.sidecar.runtime), and registers its handlers with
+nanotune.sidecar.dispatch.method."""

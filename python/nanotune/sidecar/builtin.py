@@ -1,72 +1,70 @@
 """The built-in methods: the control plane (hello, ping, status, cancel, shutdown),
-answered by the I/O thread, and diagnostics (debug.*) used by tests and bench/bridge."""
+answered by the I/O thread, and diagnostics (debug.*) used by tests and bench/bridge.
+
+A handler module like any other: it sees the runtime only through `ctx.control`
+(dispatch.Control). Imports no torch at module level, so the runtime loads it
+before the warm-up and answers hello at once."""
 from __future__ import annotations
 
 import os
 import platform
 import time
 
-from .. import __version__
-from . import protocol as P
-from .protocol import ErrorCode
-from .registry import METHODS, Context, SidecarError, event, method
-
-event("debug:tick")(P.DebugTick)
+from .. import __version__, wire
+from ..errors import ErrorCode, NanotuneError
+from .dispatch import METHODS, Context, Deferred, method
 
 
-@method("hello", params=P.HelloParams, result=P.HelloResult, thread="io")
-def hello(ctx: Context, p: P.HelloParams):
-    if p.protocol != P.PROTOCOL_VERSION:
-        raise SidecarError(
+@method("hello")
+def hello(ctx: Context, p: wire.HelloParams):
+    if p.protocol != wire.PROTOCOL_VERSION:
+        raise NanotuneError(
             ErrorCode.PROTOCOL_MISMATCH,
             f"hello: the client speaks protocol v{p.protocol} but this sidecar (nanotune {__version__}) speaks "
-            f"v{P.PROTOCOL_VERSION}; install matching versions of the nanotune npm and Python packages",
-            {"client": p.protocol, "sidecar": P.PROTOCOL_VERSION},
+            f"v{wire.PROTOCOL_VERSION}; install matching versions of the nanotune npm and Python packages",
+            {"client": p.protocol, "sidecar": wire.PROTOCOL_VERSION},
         )
-    server = ctx.server
 
-    def answer() -> P.HelloResult:
-        server.ready.wait()
-        if server.warmup_error is not None:
-            raise SidecarError(ErrorCode.INTERNAL, f"hello: the sidecar failed to start: {server.warmup_error}")
-        return P.HelloResult(
-            protocol=P.PROTOCOL_VERSION,
+    def answer() -> wire.HelloResult:
+        w = ctx.control.warmup()
+        return wire.HelloResult(
+            protocol=wire.PROTOCOL_VERSION,
             sidecar=__version__,
             python=platform.python_version(),
-            torch=server.torch_version,
+            torch=w.torch,
             pid=os.getpid(),
             device=ctx.state.device,
             dtype=ctx.state.dtype,
-            cuda=server.cuda_info,
+            cuda=w.cuda,
             methods=sorted(METHODS),
         )
 
-    return answer() if server.ready.is_set() else server.defer(ctx, answer)
+    return answer() if ctx.control.is_ready() else Deferred(answer)
 
 
-@method("ping", params=P.Empty, result=P.Empty, thread="io")
-def ping(ctx: Context, p: P.Empty):
-    return P.Empty()
+@method("ping")
+def ping(ctx: Context, p: wire.PingParams):
+    return wire.PingResult()
 
 
-@method("status", params=P.Empty, result=P.StatusResult, thread="io")
-def status(ctx: Context, p: P.Empty):
-    return ctx.server.status()
+@method("status")
+def status(ctx: Context, p: wire.StatusParams):
+    return ctx.control.status()
 
 
-@method("cancel", params=P.CancelParams, result=P.CancelResult, thread="io")
-def cancel(ctx: Context, p: P.CancelParams):
-    return ctx.server.cancel(p.id)
+@method("cancel")
+def cancel(ctx: Context, p: wire.CancelParams):
+    return ctx.control.cancel(p.id)
 
 
-@method("shutdown", params=P.Empty, result=P.Empty, thread="io")
-def shutdown(ctx: Context, p: P.Empty):
-    ctx.server.stopping = True  # the I/O loop sends this reply, then exits
-    return P.Empty()
+@method("shutdown")
+def shutdown(ctx: Context, p: wire.ShutdownParams):
+    ctx.control.shutdown()  # the I/O loop sends this reply, then exits
+    return wire.ShutdownResult()
 
 
-@method("debug.busy", params=P.DebugBusyParams, result=P.DebugBusyResult)
-def debug_busy(ctx: Context, p: P.DebugBusyParams):
+@method("debug.busy")
+def debug_busy(ctx: Context, p: wire.DebugBusyParams):
     """Diagnostic: small matmuls for p.seconds, the shape of a training loop."""
     import torch
 
@@ -80,25 +78,27 @@ def debug_busy(ctx: Context, p: P.DebugBusyParams):
         a = torch.tanh(a @ a)
         i += 1
         if now >= next_tick:
-            ctx.emit("debug:tick", P.DebugTick(iteration=i, elapsed_s=now - t0))
+            ctx.emit("debug:tick", wire.DebugTick(iteration=i, elapsed_s=now - t0))
             next_tick += p.tick_every_s
-    return P.DebugBusyResult(iterations=i, seconds=time.monotonic() - t0)
+    return wire.DebugBusyResult(iterations=i, seconds=time.monotonic() - t0)
 
 
-@method("debug.echo", params=P.DebugEchoParams, result=P.DebugEchoResult, thread="io")
-def debug_echo(ctx: Context, p: P.DebugEchoParams):
-    def answer() -> P.DebugEchoResult:
+@method("debug.echo")
+def debug_echo(ctx: Context, p: wire.DebugEchoParams):
+    def answer() -> wire.DebugEchoResult:
+        # A result field typed TensorRef may hold a torch.Tensor: the codec sends its
+        # bytes as a frame and writes the TensorRef.
         tensor = ctx.tensor(p.tensor) if p.tensor is not None else None
-        return P.DebugEchoResult(value=p.value, tensor=tensor)
+        return wire.DebugEchoResult(value=p.value, tensor=tensor)
 
-    if p.tensor is not None and not ctx.server.ready.is_set():
+    if p.tensor is not None and not ctx.control.is_ready():
         # torch is still being imported by the warm-up; do not block the I/O thread on it
-        return ctx.server.defer(ctx, lambda: (ctx.server.ready.wait(), answer())[1])
+        return Deferred(lambda: (ctx.control.warmup(), answer())[1])
     return answer()
 
 
-@method("debug.store", params=P.DebugStoreParams, result=P.DebugStoreResult)
-def debug_store(ctx: Context, p: P.DebugStoreParams):
+@method("debug.store")
+def debug_store(ctx: Context, p: wire.DebugStoreParams):
     previous = ctx.state.debug.get(p.key)
     ctx.state.debug[p.key] = p.value
-    return P.DebugStoreResult(previous=previous)
+    return wire.DebugStoreResult(previous=previous)

@@ -1,7 +1,11 @@
-"""Tensors as raw ZeroMQ frames: `{dtype, shape, frame}` in the envelope, the bytes in
-frame number `frame` after it (C-contiguous, little-endian). Both directions are
-zero-copy on this side: torch.frombuffer over the received frame, and the sent frame
-is the tensor's own memory (pyzmq keeps a reference until it is sent)."""
+"""Tensor frames, part of the transport: `{dtype, shape, frame}` (a wire.TensorRef) in
+the envelope, the bytes in frame number `frame` after it (C-contiguous,
+little-endian). Both directions are zero-copy on this side: torch.frombuffer over
+the received frame, and the sent frame is the tensor's own memory (pyzmq keeps a
+reference until it is sent).
+
+A module of its own because it imports torch: transport.py imports it only when a
+tensor travels, so the I/O thread answers hello before torch is loaded."""
 from __future__ import annotations
 
 import math
@@ -11,8 +15,9 @@ from typing import Any
 
 import torch
 
-from .protocol import ErrorCode, TensorRef
-from .registry import SidecarError
+from ..errors import ErrorCode, NanotuneError
+from ..wire import DTYPES as DTYPE_NAMES
+from ..wire import TensorRef
 
 # Received frames are read-only; torch warns once that writing to such a tensor is
 # undefined. We document that instead (ctx.tensor: clone before writing).
@@ -20,28 +25,19 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 assert sys.byteorder == "little", "tensor frames are little-endian; big-endian hosts are not supported"
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the schema's dtypes
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def tensor_from_frame(ref: TensorRef, frames: list[Any], where: str) -> torch.Tensor:
-    """A zero-copy view of frames[ref.frame] as a tensor of ref.dtype and ref.shape."""
+    """A zero-copy view of frames[ref.frame] as a tensor of ref.dtype and ref.shape.
+    `where` is "method: params.field", for the error messages."""
+    field = where.split(": ", 1)[-1]
     if ref.frame >= len(frames):
-        raise SidecarError(
+        raise NanotuneError(
             ErrorCode.INVALID_REQUEST,
             f"{where}.frame: frame {ref.frame} does not exist; the message has {len(frames)} frame(s) after the envelope",
-            {"field": f"{where.split(': ', 1)[-1]}.frame"},
+            {"field": f"{field}.frame"},
         )
     buf = frames[ref.frame]
     buf = buf.buffer if hasattr(buf, "buffer") else memoryview(buf)
@@ -49,10 +45,10 @@ def tensor_from_frame(ref: TensorRef, frames: list[Any], where: str) -> torch.Te
     itemsize = torch.empty((), dtype=dtype).element_size()
     want = math.prod(ref.shape) * itemsize
     if buf.nbytes != want:
-        raise SidecarError(
+        raise NanotuneError(
             ErrorCode.INVALID_PARAMS,
             f"{where}.shape: {ref.dtype} {list(ref.shape)} needs {want} bytes but frame {ref.frame} has {buf.nbytes}",
-            {"field": f"{where.split(': ', 1)[-1]}.shape"},
+            {"field": f"{field}.shape"},
         )
     if want == 0:
         return torch.empty(ref.shape, dtype=dtype)
