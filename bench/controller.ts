@@ -1,5 +1,5 @@
 // Controller overhead (issue 4): the step time of training driven from TypeScript
-// over the bridge vs the same steps driven in-process by Python (nanotune.plainloop),
+// over the bridge vs the same steps replayed in-process by Python (nanotune.plainloop),
 // for the tiny preset and the ~30M small-llama preset, in one run, as ratios.
 // Targets: <= 1.05 (tiny) and <= 1.01 (~30M).
 //
@@ -42,12 +42,14 @@ function configFor(c: (typeof cases)[number]) {
   };
 }
 
-async function tsDriven(c: (typeof cases)[number]): Promise<number[]> {
+/** Runs the Trainer into a fresh runDir (which pythonDriven then replays); returns its step times. */
+async function tsDriven(c: (typeof cases)[number], runDir: string): Promise<number[]> {
   const sidecar = await Sidecar.start({ device: "cpu" });
   try {
     const times: number[] = [];
     let last = 0;
-    for await (const ev of new Trainer({ sidecar, ...configFor(c), progress: false }).run()) {
+    // the default sinks: metrics.jsonl in runDir, as any run with a runDir writes it
+    for await (const ev of new Trainer({ sidecar, ...configFor(c), runDir, progress: false }).run()) {
       const now = performance.now();
       if (ev.type === "train:step") {
         if (ev.step >= c.warmup && !ev.maskRefreshed) times.push((now - last) / 1000);
@@ -60,10 +62,9 @@ async function tsDriven(c: (typeof cases)[number]): Promise<number[]> {
   }
 }
 
-function pythonDriven(c: (typeof cases)[number]): number[] {
-  const path = join(dir, `${c.name}.json`);
-  writeFileSync(path, JSON.stringify(configFor(c)));
-  const r = spawnSync(pythonExecutable(), ["-m", "nanotune.plainloop", path], {
+/** Replays the TS run's recorded lr and mask decisions in process (nanotune.plainloop); returns its step times. */
+function pythonDriven(c: (typeof cases)[number], runDir: string): number[] {
+  const r = spawnSync(pythonExecutable(), ["-m", "nanotune.plainloop", runDir], {
     encoding: "utf8",
     maxBuffer: 64 << 20,
     env: { ...process.env, PYTHONPATH: [join(repoRoot, "python"), process.env.PYTHONPATH].filter(Boolean).join(delimiter) },
@@ -81,8 +82,9 @@ try {
     const ts: number[] = [];
     const py: number[] = [];
     for (let i = 0; i < rounds; i++) {
-      ts.push(...(await tsDriven(c)));
-      py.push(...pythonDriven(c));
+      const runDir = join(dir, `${c.name}-${i}`);
+      ts.push(...(await tsDriven(c, runDir)));
+      py.push(...pythonDriven(c, runDir));
     }
     const ratio = median(ts) / median(py);
     const target = c.name === "tiny-llama" ? 1.05 : 1.01;

@@ -1,105 +1,103 @@
-"""The Trainer's loop written as a plain in-process Python loop over the same Session.
+"""Replays a TS Trainer run as a plain in-process Python loop over the same Session.
 
-For a JSON config of `nanotune train` (constant/linear/cosine schedules, a built-in
-mask policy), this runs the same steps with the same lr and mask decisions as the
-TS Trainer, without the bridge. Tests use it to show that TS-driven training is
-exactly Python-driven training; bench/controller.ts uses it to measure the bridge.
+The Trainer (TypeScript) decides every step's lr and when the mask refreshes with
+which decision; its run directory records both (config.json, and metrics.jsonl's
+train:step events with `lr` and `mask`). This loop reads them back and makes the
+same calls on a Session, without the bridge: tests use it to show that TS-driven
+training is exactly Python-driven training, and bench/controller.ts to measure the
+bridge's overhead. Nothing of the TS schedules or policies is re-implemented here:
+what the Trainer decided is replayed as it was recorded.
 
-    python -m nanotune.plainloop config.json [--out steps.json]
+    python -m nanotune.plainloop RUN_DIR [--out steps.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from . import wire
+from .errors import ErrorCode, NanotuneError
 from .session import Session
 
-POLICY_CRITERIA = {"smallWeights": "small_weights", "largeWeights": "large_weights", "random": "random",
-                   "largeGrads": "large_grads"}
+
+class ReplayError(NanotuneError, ValueError):
+    """The run directory cannot be replayed; the message names the file and what is missing."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def schedule(spec: Any, step: int, total: int) -> float:
-    """ts/train/schedules.ts for the JSON forms of ts/train/config.ts ScheduleJSON."""
-    if isinstance(spec, (int, float)):
-        return float(spec)
-    kind = spec["type"]
-    if kind == "constant":
-        return float(spec["value"])
-    if kind == "linear":
-        span = spec.get("steps") or total
-        every = spec.get("every", 1)
-        held = (step // every) * every
-        return spec["from"] + (spec["to"] - spec["from"]) * min(1.0, held / span)
-    if kind == "cosine":
-        peak, low, warm = spec["peak"], spec.get("min", 0.0), spec.get("warmupSteps", 0)
-        if step < warm:
-            return peak * (step + 1) / warm
-        span = max(1, (spec.get("steps") or total) - warm)
-        progress = min(1.0, (step - warm) / span)
-        return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"schedule type {kind!r} is not constant, linear or cosine")
+def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the resolved config, the train:step events in order) of a Trainer run directory."""
+    run_dir = Path(run_dir)
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
+    for p in (config_path, metrics_path):
+        if not p.is_file():
+            raise ReplayError(f"{p} does not exist: replay needs a Trainer run directory (runDir with config.json and metrics.jsonl)")
+    config = json.loads(config_path.read_text())
+    if config.get("resumeFrom"):
+        raise ReplayError(f"{config_path}: the run resumed from {config['resumeFrom']}; replay runs from step 0 only")
+    steps = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        event = json.loads(line)
+        if event.get("type") == "train:step":
+            if "mask" not in event:
+                raise ReplayError(f"{metrics_path}:{n}: train:step has no `mask` (written by an older nanotune)")
+            steps.append(event)
+    return config, steps
 
 
-def decision(policy: dict[str, Any], step: int, total: int) -> dict[str, Any]:
-    d: dict[str, Any] = {"criterion": POLICY_CRITERIA[policy["type"]], "density": schedule(policy["density"], step, total)}
-    if policy.get("perTensor"):
-        d["perTensor"] = {k: schedule(v, step, total) for k, v in policy["perTensor"].items()}
-    for key in ("include", "exclude"):
-        if key in policy:
-            d[key] = list(policy[key])
-    return d
+def _params(value: Any, cls: type[wire.Model]) -> Any:
+    """A config entry (a bare path string, or the method's params as camelCase JSON) as the wire Struct."""
+    return msgspec.convert({"path": value} if isinstance(value, str) else value, cls)
 
 
-def run(config: dict[str, Any], session: Session | None = None) -> list[dict[str, Any]]:
+def replay(run_dir: str | Path, session: Session | None = None) -> list[dict[str, Any]]:
+    """Runs the recorded steps; returns each step's result (snake_case) plus `wall_s`,
+    the whole iteration's time (as bench/controller.ts times the Trainer's)."""
+    config, recorded = read_run(run_dir)
     s = session or Session()
-    model = config["model"] if isinstance(config["model"], dict) else {"path": config["model"]}
-    data = config["data"] if isinstance(config["data"], dict) else {"path": config["data"]}
-    s.load_model(model["path"], dtype=model.get("dtype"), device=model.get("device", "auto"),
-                 gradient_checkpointing=model.get("gradientCheckpointing", False), seed=model.get("seed", 0))
-    s.load_dataset(data["path"], format=data.get("format", "auto"), cutoff=data.get("cutoff", 256),
-                   train_on_inputs=data.get("trainOnInputs", False), seed=data.get("seed", 0),
-                   shuffle=data.get("shuffle", True), eval_fraction=data.get("evalFraction", 0.0),
-                   eval_path=data.get("evalPath"))
-    opt = dict(config.get("optimizer", {"name": "nanoadam"}))
-    name = opt.pop("name")
-    camel = {"weightDecay": "weight_decay", "momentsOnRefresh": "moments_on_refresh",
-             "biasCorrection": "bias_correction", "sparseGradients": "sparse_gradients"}
-    s.create_optimizer(name, **{camel.get(k, k): (tuple(v) if k == "betas" else v) for k, v in opt.items()})
-    total = config["steps"]
-    policy = config.get("maskPolicy") or {"type": "smallWeights", "density": opt.get("density", 0.01)}
-    interval = policy.get("maskInterval", 100)
-    last = None
+    model = _params(config["model"], wire.LoadModelParams)
+    data = _params(config["data"], wire.LoadDatasetParams)
+    optimizer = msgspec.convert(config.get("optimizer") or {"name": "nanoadam"}, wire.CreateOptimizerParams)
+    s.load_model(model)
+    s.load_dataset(data)
+    s.create_optimizer(optimizer)
     out = []
-    for step in range(total):
-        t0 = time.perf_counter()  # the whole iteration, as bench/controller.ts times the Trainer's
-        mask = None
-        if name == "nanoadam":
-            d = decision(policy, step, total)
-            if last is None or step % interval == 0 or d != last:
-                mask = last = d
-        r = s.train_step(schedule(config["lr"], step, total), micro_batch=config.get("microBatch", 1),
-                         grad_accum=config.get("gradAccum", 1), grad_clip=config.get("gradClip"), mask=mask)
-        r["wall_s"] = time.perf_counter() - t0
-        out.append(r)
+    for event in recorded:
+        t0 = time.perf_counter()
+        step = wire.TrainStepParams(
+            lr=event["lr"],
+            micro_batch=config.get("microBatch", 1),
+            grad_accum=config.get("gradAccum", 1),
+            grad_clip=config.get("gradClip"),
+            mask=None if event["mask"] is None else msgspec.convert(event["mask"], wire.MaskDecision),
+        )
+        result = msgspec.structs.asdict(s.train_step(step))
+        result["wall_s"] = time.perf_counter() - t0
+        out.append(result)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
+    ap.add_argument("run_dir", help="a Trainer runDir (config.json, metrics.jsonl)")
     ap.add_argument("--out", help="write the per-step results here (default: stdout)")
     args = ap.parse_args()
-    with open(args.config) as f:
-        steps = run(json.load(f))
+    try:
+        steps = replay(args.run_dir)
+    except ReplayError as e:
+        sys.exit(f"nanotune.plainloop: {e}")
     text = json.dumps(steps)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        Path(args.out).write_text(text)
     else:
         sys.stdout.write(text + "\n")
 

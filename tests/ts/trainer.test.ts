@@ -4,8 +4,8 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ConfigError, parseConfig, policies, Sidecar, SidecarError, Trainer, type TrainerEvent } from "../../ts/index.ts";
-import { main as cli } from "../../ts/cli.ts";
+import { ConfigError, parseConfig, policies, schedules, Sidecar, SidecarError, Trainer, type TrainerEvent } from "../../ts/index.ts";
+import { main as cli } from "../../ts/cli/index.ts";
 import { demoTasks } from "../../ts/demo.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
@@ -46,7 +46,8 @@ function python(args: string[], extraEnv: Record<string, string> = {}) {
 }
 
 describe("Trainer", () => {
-  it("gives the same losses as a plain Python loop over the same sidecar code (50 steps)", async () => {
+  it("gives the same losses as a plain Python loop replaying its lr and mask decisions (50 steps)", async () => {
+    const runDir = join(dir, "parity");
     const config = {
       model: { path: "tiny-llama", device: "cpu" },
       data: { path: dataPath, cutoff: 64, seed: 1 },
@@ -54,19 +55,23 @@ describe("Trainer", () => {
       steps: 50,
       microBatch: 4,
       gradAccum: 2,
-      lr: { type: "cosine" as const, peak: 1e-2, min: 1e-3, warmupSteps: 5 },
-      maskPolicy: { type: "smallWeights" as const, density: { type: "linear" as const, from: 0.1, to: 0.05, every: 20 }, maskInterval: 7 },
+      lr: schedules.warmup(5, schedules.cosine({ peak: 1e-2, min: 1e-3 })), // a function: the replay reads the lr it produced
+      maskPolicy: policies.smallWeights({ density: schedules.linear(0.1, 0.05, { every: 20 }), maskInterval: 7 }),
+      runDir,
+      progress: false,
     };
-    const ts = steps(await collect(new Trainer({ sidecar: sc, ...config, progress: false })));
-    const path = join(dir, "parity.json");
-    writeFileSync(path, JSON.stringify(config));
-    const r = python(["-m", "nanotune.plainloop", path]);
+    const ts = steps(await collect(new Trainer({ sidecar: sc, ...config })));
+    // The replay re-implements nothing: it reads runDir's config.json and metrics.jsonl.
+    const r = python(["-m", "nanotune.plainloop", runDir]);
     expect(r.status, r.stderr).toBe(0);
-    const py = JSON.parse(r.stdout) as { loss: number; mask_refreshed: boolean; lr: number }[];
+    const py = JSON.parse(r.stdout) as { step: number; loss: number; mask_refreshed: boolean; lr: number; density: number | null }[];
+    expect(py).toHaveLength(50);
     expect(ts.map((s) => s.loss)).toEqual(py.map((s) => s.loss));
     expect(ts.map((s) => s.lr)).toEqual(py.map((s) => s.lr));
+    expect(ts.map((s) => s.density)).toEqual(py.map((s) => s.density));
     expect(ts.map((s) => s.maskRefreshed)).toEqual(py.map((s) => s.mask_refreshed));
     expect(ts.filter((s) => s.maskRefreshed).map((s) => s.step)).toEqual([0, 7, 14, 20, 21, 28, 35, 40, 42, 49]);
+    expect(ts.filter((s) => s.mask !== null).map((s) => s.step)).toEqual([0, 7, 14, 20, 21, 28, 35, 40, 42, 49]);
     expect(ts.at(-1)!.loss).toBeLessThan(ts[0]!.loss);
   });
 
