@@ -8,19 +8,28 @@
 // Parent death: the sidecar asks Linux for SIGTERM when the thread that spawned it
 // exits (PR_SET_PDEATHSIG) and also polls our pid. Start it from the main thread: a
 // Sidecar started in a worker_thread dies with that thread.
-import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+import { execa } from "execa";
 import { Dealer } from "zeromq";
 import type { z } from "zod";
 import { PROTOCOL_VERSION, events as eventSchemas, methods, type EventName, type MethodName, type TensorRef } from "../protocol/schema.ts";
 import { SidecarError, wireCode, type ErrorCode } from "./errors.ts";
+import { findPython, noPythonMessage, packageRoot, pythonPathWith } from "./paths.ts";
 import { Tensor } from "./tensor.ts";
 import { bigIntegers, decode, encode, refsToTensors, tensorsToRefs } from "./wire.ts";
 
-export const repoRoot = fileURLToPath(new URL("..", import.meta.url));
+/** @deprecated use packageRoot (ts/paths.ts): the directory of nanotune's package.json. */
+export const repoRoot = packageRoot;
+
+/** The part of the spawned process the Sidecar uses (an execa subprocess). */
+interface SidecarProcess {
+  readonly pid?: number | undefined;
+  readonly exitCode: number | null;
+  readonly signalCode: NodeJS.Signals | null;
+  kill(signal: NodeJS.Signals): boolean;
+}
 
 /** Wire types with every TensorRef replaced by a Tensor (what call() takes and returns). */
 export type WithTensors<T> = T extends TensorRef
@@ -38,7 +47,11 @@ export type HelloInfo = Result<"hello">;
 export type SidecarEvent = { [E in EventName]: { event: E; data: z.output<(typeof eventSchemas)[E]> } }[EventName];
 
 export interface SidecarOptions {
-  /** Python interpreter; default: env NANOTUNE_PYTHON, else <repo>/.venv/bin/python. */
+  /**
+   * Python interpreter. Default, in this order: env NANOTUNE_PYTHON, the checkout's
+   * .venv/bin/python (a development clone), the environment `npx nanotune setup`
+   * made under NANOTUNE_HOME (~/.cache/nanotune) for this version; START_FAILED when none exists.
+   */
   python?: string;
   /** "auto": CUDA (bf16) when torch sees a GPU, else CPU (fp32). "cuda" fails without one. Default "auto". */
   device?: "auto" | "cpu" | "cuda";
@@ -134,7 +147,7 @@ export class Sidecar {
   private shuttingDown = false; // close() began: an exit now is not a crash
 
   private constructor(
-    private readonly child: ChildProcess,
+    private readonly child: SidecarProcess,
     endpoint: string,
     private readonly tempDir: string | null,
     private readonly opts: SidecarOptions,
@@ -152,18 +165,35 @@ export class Sidecar {
   /** Starts the sidecar process and completes the hello handshake (PROTOCOL_MISMATCH if versions differ). */
   static async start(options: SidecarOptions = {}): Promise<Sidecar> {
     const opts = { device: "auto", startTimeoutMs: 120_000, transport: "ipc", callTimeoutMs: Infinity, ...options } satisfies SidecarOptions;
-    const python = opts.python ?? process.env.NANOTUNE_PYTHON ?? join(repoRoot, ".venv", "bin", "python");
+    const merged: Record<string, string | undefined> = { ...process.env, ...opts.env };
+    const found = findPython(opts.python, merged);
+    if (!found) throw new SidecarError("START_FAILED", noPythonMessage(merged), { data: { reason: "no-python" } });
+    const python = found.python;
+    const env: Record<string, string> = {};
+    for (const [k, v] of Object.entries(merged)) if (v !== undefined) env[k] = v;
+    env.PYTHONUNBUFFERED = "1";
+    env.PYTHONPATH = pythonPathWith(merged.PYTHONPATH);
     const tempDir = opts.transport === "ipc" ? mkdtempSync(join(tmpdir(), "nanotune-")) : null;
     const endpoint = tempDir ? `ipc://${join(tempDir, "sidecar.sock")}` : "tcp://127.0.0.1:*";
-    const env: Record<string, string | undefined> = { ...process.env, ...opts.env, PYTHONUNBUFFERED: "1" };
-    env.PYTHONPATH = [join(repoRoot, "python"), env.PYTHONPATH].filter(Boolean).join(delimiter);
     const deadline = Date.now() + opts.startTimeoutMs;
     const cleanupDir = () => tempDir && rmSync(tempDir, { recursive: true, force: true });
 
-    const child = spawn(python, ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid)], {
-      stdio: ["ignore", "pipe", "pipe"],
+    // --parent-pid: the sidecar also asks Linux for SIGTERM when this thread dies
+    // (PR_SET_PDEATHSIG); execa's cleanup kills it when Node exits normally.
+    const child = execa(python, ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid)], {
+      stdin: "ignore",
+      stdout: "pipe",
+      stderr: "pipe",
       env,
+      extendEnv: false,
+      buffer: false,
+      reject: false,
+      cleanup: true,
+      forceKillAfterDelay: false, // close() runs its own SIGTERM -> SIGKILL ladder
     });
+    // With reject: false the promise resolves once the process is gone; a spawn
+    // failure (ENOENT, EACCES) resolves it with neither exit code nor signal.
+    const spawnError = child.then((r) => (r.exitCode === undefined && r.signal === undefined ? r : null));
     const stderrTail: string[] = [];
     const onStderr = opts.onStderr ?? ((line: string) => process.stderr.write(`${line}\n`));
     lines(child.stderr!, (line) => {
@@ -179,7 +209,7 @@ export class Sidecar {
         // stderr may still hold the last lines (a traceback); wait briefly for them
         void Promise.race([stderrEnded, new Promise((r) => setTimeout(r, 100))]).then(() => resolve());
       });
-      child.once("error", () => resolve());
+      void spawnError.then((r) => r && resolve());
     });
 
     let ready: string;
@@ -190,18 +220,23 @@ export class Sidecar {
           () => reject(new SidecarError("START_FAILED", `sidecar (${python}) did not start within ${opts.startTimeoutMs} ms; last stderr:\n${stderrTail.join("\n")}`)),
           opts.startTimeoutMs,
         );
-        child.once("error", (e) =>
-          reject(new SidecarError("START_FAILED", `cannot run ${python}: ${e.message}; pass options.python, set NANOTUNE_PYTHON, or run \`npm run setup\``, { cause: e })),
-        );
-        void exited.then(() =>
+        void spawnError.then((r) => {
+          if (!r) return;
+          const from = found.source === "option" ? "options.python" : found.source;
+          const why = `cannot run ${python} (from ${from}): ${r.originalMessage || r.shortMessage}`;
+          const fix = "pass options.python, set NANOTUNE_PYTHON, or run `npx nanotune setup` (`npm run setup` in a checkout)";
+          reject(new SidecarError("START_FAILED", `${why}; ${fix}`, { cause: r.cause, data: { python, source: found.source, code: r.code } }));
+        });
+        void exited.then(() => {
+          if (!exitInfo) return; // it never ran: spawnError says why
           reject(
             new SidecarError(
               "START_FAILED",
               `sidecar (${python}) exited before it was ready (${describeExit(exitInfo)}); last stderr:\n${stderrTail.join("\n")}`,
               { data: { ...exitInfo, stderr: [...stderrTail] } },
             ),
-          ),
-        );
+          );
+        });
         lines(child.stdout!, (line) => {
           try {
             const msg = JSON.parse(line) as { ready?: string };

@@ -28,6 +28,17 @@ async function goneWithin(pid: number, limit: number): Promise<number> {
 }
 
 describe("Sidecar lifecycle", () => {
+  it("start() fails with START_FAILED naming the interpreter and `npx nanotune setup` when the Python cannot be run", async () => {
+    const t0 = Date.now();
+    const err = await Sidecar.start({ python: "/nonexistent/python3" }).catch((e) => e);
+    expect(err).toBeInstanceOf(SidecarError);
+    expect(err.code).toBe("START_FAILED");
+    expect(err.message).toContain("cannot run /nonexistent/python3 (from options.python)");
+    expect(err.message).toContain("npx nanotune setup");
+    expect((err.data as { code: string }).code).toBe("ENOENT");
+    expect(Date.now() - t0).toBeLessThan(2000);
+  });
+
   it("start() fails with PROTOCOL_MISMATCH naming both versions, and leaves no process", async () => {
     const seen: string[] = [];
     const err = await Sidecar.start({ device: "cpu", protocolVersion: PROTOCOL_VERSION + 1, onStderr: (l) => seen.push(l) }).catch((e) => e);

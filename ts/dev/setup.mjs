@@ -9,6 +9,9 @@
 //   NANOTUNE_TORCH   the pip requirement for torch in .venv
 //                    (default torch==2.13.0, the CPU wheel on our machines).
 //   NANOTUNE_BOOTSTRAP_PYTHON  the interpreter that creates .venv (default python3).
+//
+// node:child_process rather than execa: this runs before node_modules exist.
+// Installed users run `npx nanotune setup` (ts/cli/setup.ts) instead.
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
@@ -43,8 +46,11 @@ function ensure(stampFile, stamp, build) {
 }
 
 // Node modules. The stamp lives inside node_modules so deleting it resets it.
+// --ignore-scripts: the checkout runs from source, so `prepare` (the dist/ build
+// for npm pack) is not needed here, and no dependency needs its install script
+// (package.json "allowScripts": zeromq and msgpackr-extract ship prebuilt binaries).
 ensure("node_modules/.nanotune-stamp", stampOf(["package.json", "package-lock.json"]), () =>
-  run("npm", existsSync(join(repoRoot, "package-lock.json")) ? ["ci"] : ["install"], "node modules"),
+  run("npm", [existsSync(join(repoRoot, "package-lock.json")) ? "ci" : "install", "--ignore-scripts"], "node modules"),
 );
 
 if (process.env.NANOTUNE_PYTHON) {

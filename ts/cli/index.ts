@@ -1,0 +1,300 @@
+// The `nanotune` command line (bin: dist/ts/cli/bin.js; from a checkout:
+// `npx tsx ts/cli/bin.ts`). `main(argv)` returns the exit code and never exits
+// the process itself, so tests call it in-process.
+//
+// Exit codes: 0 ok; 2 a user error (wrong config field, missing file, bad
+// argument, no Python set up: one line `nanotune: ...` on stderr); 1 anything
+// else (one line, plus the stack trace with --verbose).
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { runDemo } from "../demo.ts";
+import { isUserError, NanotuneError } from "../errors.ts";
+import { packageRoot, packageVersion } from "../paths.ts";
+import { doctorCommand } from "./doctor.ts";
+import { evalCommand } from "./eval.ts";
+import { runPython } from "./python.ts";
+import { setupCommand } from "./setup.ts";
+import { trainCommand } from "./train.ts";
+
+type Options = NonNullable<ParseArgsConfig["options"]>;
+type Values = Record<string, string | boolean | undefined>;
+
+interface Command {
+  /** one line for the command list */
+  summary: string;
+  /** `nanotune <cmd> --help` */
+  usage: string;
+  options: Options;
+  /** how many positionals it takes (min, max) and what they are called in errors */
+  positionals: [number, number, string];
+  run(positionals: string[], values: Values, verbose: boolean): Promise<number>;
+}
+
+const GLOBAL_OPTIONS = {
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
+  verbose: { type: "boolean" },
+} satisfies Options;
+
+const COMMON = `
+options:
+  -h, --help     show this help
+  --verbose      print stack traces of errors`;
+
+const COMMANDS: Record<string, Command> = {
+  train: {
+    summary: "train <config.json>    finetune as a JSON config says (see examples/finetune/config.json)",
+    usage: `usage: nanotune train <config.json>
+
+Finetunes with the Trainer as the config says: the Trainer's options as JSON
+({model, data, optimizer, steps, microBatch, gradAccum, lr, maskPolicy, evalEvery,
+checkpointEvery, runDir, resumeFrom}). A wrong or unknown field is an error that
+names it. Relative paths in the file (a model directory, data.path,
+data.evalPath, runDir, resumeFrom) are relative to the file's directory; a
+preset name such as "tiny-llama" stays a preset.
+
+Progress goes to stderr (a bar on a terminal, log lines otherwise); with runDir
+every event is also appended to <runDir>/metrics.jsonl. Ctrl-C stops the run
+after the current step.
+${COMMON}`,
+    options: {},
+    positionals: [1, 1, "a config file"],
+    async run([config], _values, verbose) {
+      await trainCommand(config!, { verbose });
+      return 0;
+    },
+  },
+  eval: {
+    summary: "eval <config.json>     per-task accuracy on local benchmark files",
+    usage: `usage: nanotune eval <config.json>
+
+Scores a model directory on local benchmark files and prints a per-task table.
+The config:
+  {"model": "path/to/model",                 (a save_pretrained directory)
+   "tasks": {"piqa": "piqa.jsonl", ...},      (task name -> JSON/JSONL file)
+   "mode": "loglikelihood" | "generate",      (default loglikelihood)
+   "limit": 100}                              (first N examples of each task)
+Relative paths are relative to the config file's directory.
+${COMMON}`,
+    options: {},
+    positionals: [1, 1, "a config file"],
+    run: ([config]) => evalCommand(config!),
+  },
+  demo: {
+    summary: "demo                   a short two-task demo on a tiny Llama (what `npm start` runs)",
+    usage: `usage: nanotune demo [--steps N] [--run-dir DIR]
+
+A tiny Llama learns one task with AdamW, then NanoAdam finetunes it on a second
+one with a live mask-policy swap; prints a summary table. About a minute on a CPU.
+
+options:
+  --steps N      steps per stage (default 300)
+  --run-dir DIR  where the data and metrics go (default runs/demo)
+  -h, --help     show this help
+  --verbose      print stack traces of errors`,
+    options: { steps: { type: "string" }, "run-dir": { type: "string" } },
+    positionals: [0, 0, ""],
+    async run(_p, values) {
+      let steps: number | undefined;
+      if (values.steps !== undefined) {
+        steps = Number(values.steps);
+        if (!Number.isInteger(steps) || steps < 1) throw new NanotuneError("INVALID_ARGUMENT", `demo: --steps must be a positive integer, got '${values.steps}'`);
+      }
+      await runDemo({ progress: false, steps, runDir: values["run-dir"] as string | undefined });
+      return 0;
+    },
+  },
+  setup: {
+    summary: "setup                  create the Python environment the sidecar runs in (torch, transformers)",
+    usage: `usage: nanotune setup [--python PATH] [--torch SPEC] [--force]
+
+Creates a virtualenv for this nanotune version in
+$NANOTUNE_HOME/python-${packageVersion}/ (NANOTUNE_HOME defaults to ~/.cache/nanotune)
+and installs torch and the sidecar's Python package into it. Sidecar.start() and
+the CLI use it unless NANOTUNE_PYTHON names another interpreter. Rerunning with
+the same arguments does nothing.
+
+options:
+  --python PATH  the Python (3.10+) that creates the virtualenv (default python3)
+  --torch SPEC   the torch requirement, with pip options if needed
+                 (default torch==2.13.0, the version nanotune is tested with), e.g.
+                 --torch "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+  --force        recreate the environment even when it is up to date
+  -h, --help     show this help
+  --verbose      print stack traces of errors`,
+    options: { python: { type: "string" }, torch: { type: "string" }, force: { type: "boolean" } },
+    positionals: [0, 0, ""],
+    async run(_p, values) {
+      await setupCommand({ python: values.python as string | undefined, torch: values.torch as string | undefined, force: values.force === true });
+      return 0;
+    },
+  },
+  doctor: {
+    summary: "doctor                 check Python, torch, CUDA devices, transformers and the protocol version",
+    usage: `usage: nanotune doctor
+
+Prints the Python the sidecar would run (and where it was found), its torch,
+CUDA availability and devices, transformers, and the protocol versions of both
+sides; lists what is missing with the command that fixes it. Exits 0 when all is
+well, 2 when something is missing.
+${COMMON}`,
+    options: {},
+    positionals: [0, 0, ""],
+    run: () => doctorCommand(),
+  },
+  bench: {
+    summary: "bench gpu [args]       peak memory and step time of AdamW vs NanoAdam (bench/gpu.py)",
+    usage: `usage: nanotune bench gpu [args...]
+
+Runs bench/gpu.py (peak memory and step time of AdamW vs NanoAdam on the Llama 3.2
+3B architecture; --small for a smaller one) with the sidecar's Python; the args
+go to it as they are (after \`--\` even --help: nanotune bench gpu -- --help). The
+benchmarks ship with the source checkout, not with the npm package.
+${COMMON}`,
+    options: {},
+    positionals: [1, Infinity, "a benchmark name (gpu)"],
+    async run([name, ...args]) {
+      if (name !== "gpu") throw new NanotuneError("INVALID_ARGUMENT", `bench: unknown benchmark '${name}' (there is one: gpu)`);
+      const script = join(packageRoot, "bench", "gpu.py");
+      if (!existsSync(script)) {
+        throw new NanotuneError("INVALID_ARGUMENT", `bench: ${script} is not here: the benchmarks ship with the source checkout, not the npm package`);
+      }
+      return runPython([script, ...args]);
+    },
+  },
+};
+
+const USAGE = `usage: nanotune <command> [options]
+
+commands:
+${Object.values(COMMANDS)
+  .map((c) => `  ${c.summary}`)
+  .join("\n")}
+
+options:
+  -h, --help     show help; nanotune help <command> (or <command> --help) for a command
+  --version      print nanotune's version
+  --verbose      print stack traces of errors
+
+Paths inside config files are relative to the config file's directory.`;
+
+const commandList = Object.keys(COMMANDS).join(", ");
+
+/** Exit 2 for these even where the code table does not mark them as user errors. */
+const USER_CODES = new Set(["INVALID_CONFIG", "INVALID_ARGUMENT", "INVALID_PARAMS", "START_FAILED"]);
+
+function usageError(message: string): NanotuneError {
+  return new NanotuneError("INVALID_ARGUMENT", message);
+}
+
+/** parseArgs with our messages: `train: unknown option '--x' (see nanotune train --help)`; `command` "" for the global options. */
+function parse(args: string[], options: Options, command: string, allowPositionals: boolean) {
+  try {
+    return parseArgs({ args, options, allowPositionals, strict: true });
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    if (!err.code?.startsWith("ERR_PARSE_ARGS")) throw e;
+    const first = err.message.split(/\. /)[0]!.replace(/\.$/, "");
+    const what = first.charAt(0).toLowerCase() + first.slice(1);
+    throw usageError(command ? `${command}: ${what} (see nanotune ${command} --help)` : `${what} (see nanotune --help)`);
+  }
+}
+
+function isHelp(a: string) {
+  return a === "--help" || a === "-h";
+}
+
+async function dispatch(argv: string[], setVerbose: (v: boolean) => void): Promise<number> {
+  // global options come before the command; the command's own after it
+  const at = argv.findIndex((a) => !a.startsWith("-"));
+  const leading = at === -1 ? argv : argv.slice(0, at);
+  const name = at === -1 ? undefined : argv[at];
+  const rest = at === -1 ? [] : argv.slice(at + 1);
+  const globals = parse(leading, GLOBAL_OPTIONS, "", false).values;
+  if (globals.version) {
+    console.log(packageVersion);
+    return 0;
+  }
+  if (name === undefined) {
+    if (globals.help) {
+      console.log(USAGE);
+      return 0;
+    }
+    throw usageError(`missing command (one of ${commandList}; see nanotune --help)`);
+  }
+  if (name === "help") {
+    const topic = rest.find((a) => !a.startsWith("-"));
+    if (topic === undefined) {
+      console.log(USAGE);
+      return 0;
+    }
+    const cmd = COMMANDS[topic];
+    if (!cmd) throw usageError(`unknown command '${topic}' (one of ${commandList})`);
+    console.log(cmd.usage);
+    return 0;
+  }
+  const cmd = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+  if (!cmd) throw usageError(`unknown command '${name}' (one of ${commandList}; see nanotune --help)`);
+  if (globals.help) {
+    console.log(cmd.usage);
+    return 0;
+  }
+
+  if (name === "bench") {
+    // `bench gpu ARGS`: ARGS belong to the benchmark (all of them after `--`)
+    const dashes = rest.indexOf("--");
+    const ours = dashes === -1 ? rest : rest.slice(0, dashes);
+    if (ours.some(isHelp)) {
+      console.log(cmd.usage);
+      return 0;
+    }
+    if (ours.length === 0) throw usageError("bench: missing the benchmark name (gpu; see nanotune bench --help)");
+    return cmd.run(dashes === -1 ? rest : [...ours, ...rest.slice(dashes + 1)], {}, Boolean(globals.verbose));
+  }
+
+  const { values, positionals } = parse(rest, { ...GLOBAL_OPTIONS, ...cmd.options }, name, true);
+  if (values.help) {
+    console.log(cmd.usage);
+    return 0;
+  }
+  if (values.version) {
+    console.log(packageVersion);
+    return 0;
+  }
+  const verbose = Boolean(globals.verbose || values.verbose);
+  setVerbose(verbose);
+  const [min, max, what] = cmd.positionals;
+  if (positionals.length < min) throw usageError(`${name}: missing ${what} (usage: ${cmd.usage.split("\n")[0]!.replace("usage: ", "")})`);
+  if (positionals.length > max) {
+    throw usageError(`${name}: unexpected argument '${positionals[max]}' (usage: ${cmd.usage.split("\n")[0]!.replace("usage: ", "")})`);
+  }
+  return cmd.run(positionals, values as Values, verbose);
+}
+
+/** One line for an error: the first line of its message (a sidecar's stderr tail was already printed above). */
+function oneLine(e: unknown): string {
+  const message = e instanceof Error ? e.message : String(e);
+  const first = message.split("\n")[0]!.trim();
+  return first.replace(/;? ?last stderr:$/, "") || (e instanceof Error ? e.name : "error");
+}
+
+export function exitCodeFor(e: unknown): 1 | 2 {
+  return isUserError(e) || (e instanceof NanotuneError && USER_CODES.has(e.code)) ? 2 : 1;
+}
+
+/** Runs the CLI with `argv` (without node and the script); resolves with the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  let verbose = argv.includes("--verbose");
+  try {
+    return await dispatch(argv, (v) => (verbose = v));
+  } catch (e) {
+    const code = exitCodeFor(e);
+    console.error(`nanotune: ${oneLine(e)}${code === 1 && !verbose ? " (--verbose shows the stack trace)" : ""}`);
+    if (verbose) {
+      if (e instanceof Error && e.stack) console.error(e.stack);
+      if (e instanceof NanotuneError && e.traceback) console.error(`Python traceback:\n${e.traceback}`);
+    }
+    return code;
+  }
+}
