@@ -22,57 +22,19 @@ def session(ctx: Context) -> Session:
     return ctx.state.session
 
 
-@method("load_model")
-def load_model(ctx: Context, p: wire.LoadModelParams):
-    return session(ctx).load_model(p)
+# Each training method of the schema is the Session method of the same name: it takes
+# the method's params Struct and returns its result Struct.
+SESSION_METHODS = ("load_model", "load_dataset", "create_optimizer", "train_step", "set_mask_policy",
+                   "refresh_mask", "get_masks", "evaluate", "generate", "save_checkpoint", "load_checkpoint")
 
 
-@method("load_dataset")
-def load_dataset(ctx: Context, p: wire.LoadDatasetParams):
-    return session(ctx).load_dataset(p)
+def _on_session(name: str):
+    def handler(ctx: Context, p: wire.Model) -> wire.Model:
+        return getattr(session(ctx), name)(p)
+
+    handler.__name__ = handler.__qualname__ = name
+    return handler
 
 
-@method("create_optimizer")
-def create_optimizer(ctx: Context, p: wire.CreateOptimizerParams):
-    return session(ctx).create_optimizer(p)
-
-
-@method("train_step")
-def train_step(ctx: Context, p: wire.TrainStepParams):
-    ctx.check_cancelled()
-    return session(ctx).train_step(p)
-
-
-@method("set_mask_policy")
-def set_mask_policy(ctx: Context, p: wire.SetMaskPolicyParams):
-    return session(ctx).set_mask_policy(p)
-
-
-@method("refresh_mask")
-def refresh_mask(ctx: Context, p: wire.RefreshMaskParams):
-    return session(ctx).refresh_mask(p)
-
-
-@method("get_masks")
-def get_masks(ctx: Context, p: wire.GetMasksParams):
-    return session(ctx).get_masks(p)
-
-
-@method("evaluate")
-def evaluate(ctx: Context, p: wire.EvaluateParams):
-    return session(ctx).evaluate(p)
-
-
-@method("generate")
-def generate(ctx: Context, p: wire.GenerateParams):
-    return session(ctx).generate(p)
-
-
-@method("save_checkpoint")
-def save_checkpoint(ctx: Context, p: wire.SaveCheckpointParams):
-    return session(ctx).save_checkpoint(p)
-
-
-@method("load_checkpoint")
-def load_checkpoint(ctx: Context, p: wire.LoadCheckpointParams):
-    return session(ctx).load_checkpoint(p)
+for _name in SESSION_METHODS:
+    method(_name)(_on_session(_name))
