@@ -46,6 +46,13 @@ function python(args: string[], extraEnv: Record<string, string> = {}) {
 }
 
 describe("Trainer", () => {
+  it("loads a model on the device the sidecar started on: Sidecar.start({ device: 'cpu' })", async () => {
+    expect(sc.info.device).toBe("cpu");
+    const model = await sc.call("load_model", { path: "tiny-llama" }); // no device: the sidecar's
+    expect(model.device).toBe("cpu");
+    expect((await sc.call("load_model", { path: "tiny-llama", device: "auto" })).device).toBe("cpu");
+  });
+
   it("gives the same losses as a plain Python loop replaying its lr and mask decisions (50 steps)", async () => {
     const runDir = join(dir, "parity");
     const config = {
