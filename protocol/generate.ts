@@ -143,7 +143,7 @@ class PythonStructs {
       fields.push(`    ${field}: ${type}${rhs}${comment(prop.description)}`);
     }
     const doc = s.description ? `    """${s.description.replace(/"""/g, "'''")}"""\n\n` : "";
-    this.classes.push(`class ${name}(${base?.name ?? "Model"}):\n${doc}${fields.join("\n") || "    pass"}\n`);
+    this.classes.push(`class ${name}(${base?.name ?? "Model"}, kw_only=True):\n${doc}${fields.join("\n") || "    pass"}\n`);
     return name;
   }
 
@@ -171,6 +171,16 @@ class PythonStructs {
 export function wirePyText(json: ReturnType<typeof toJSON> = toJSON()): string {
   const structs = new PythonStructs();
   structs.struct(json.envelope.tensorRef as JSONSchema, "TensorRef", "TensorRef");
+  // titled objects first, so an untitled `.extend()` of one anywhere can subclass it
+  const titled = (s: unknown, where: string): void => {
+    if (Array.isArray(s)) return s.forEach((x, i) => titled(x, `${where}[${i}]`));
+    if (typeof s !== "object" || s === null) return;
+    for (const [k, v] of Object.entries(s)) titled(v, `${where}.${k}`);
+    const o = s as JSONSchema;
+    if (o.title && o.type === "object" && o.properties) structs.struct(o, o.title, where);
+  };
+  titled(json.methods, "methods");
+  titled(json.events, "events");
   const methodRows: string[] = [];
   for (const [name, m] of Object.entries(json.methods)) {
     const base = pascal(name);
@@ -216,7 +226,9 @@ DTYPES = (${json.dtypes.map((d) => JSON.stringify(d)).join(", ")})
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Base of every wire Struct: unknown fields are errors; absent optional fields are
     omitted. A field whose wire name differs from its Python name says so with
-    msgspec.field(name=...), rather than a blanket rename rule."""
+    msgspec.field(name=...), rather than a blanket rename rule. Every subclass is
+    kw_only=True too (msgspec applies it per class), so an optional field may come
+    before a required one."""
 
 
 ${structs.classes.join("\n\n")}

@@ -35,6 +35,9 @@ export const errorCodes = {
   CLOSED: { origin: "client", userError: false, description: "The client was closed before or during the call." },
   INVALID_CONFIG: { origin: "client", userError: true, description: "Trainer options or a config file are wrong; data.issues names every wrong field by its path." },
   INVALID_ARGUMENT: { origin: "client", userError: true, description: "A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it." },
+  NON_FINITE: { origin: "sidecar", userError: false, description: "The step's loss or gradient norm is not finite; the step was not applied (weights, moments, mask and step unchanged); data holds step, loss and gradNorm." },
+  SESSION_CHANGED: { origin: "sidecar", userError: false, description: "The call carries a session generation that is no longer current: another client loaded a model or created an optimizer since." },
+  SIDECAR_UNRESPONSIVE: { origin: "client", userError: false, description: "The sidecar missed its heartbeats while a call was pending (stopped, or stuck outside Python); data.stacks holds its thread dump when it could give one." },
 } as const;
 export type ErrorCode = keyof typeof errorCodes;
 
@@ -106,6 +109,8 @@ export const methods = {
       dtype: z.string().describe("default parameter dtype on that device"),
       cuda: CudaInfo.nullable(),
       methods: z.array(z.string()),
+      transport: z.enum(["ipc", "tcp"]).describe("what the sidecar is bound on"),
+      security: z.enum(["ipc-private-dir", "curve"]).describe("ipc: a socket in a 0700 directory; tcp: ZeroMQ CURVE, only our client's key"),
     }),
   },
   ping: {

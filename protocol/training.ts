@@ -23,8 +23,14 @@ export const MaskDecision = z
   })
   .meta({ title: "MaskDecision" });
 
-/** create_optimizer's params; a checkpoint keeps them (CheckpointExtra.optimizer) to rebuild the same optimizer. */
-export const CreateOptimizerParams = z.strictObject({
+/** The session generation a call belongs to (see load_model); absent: the current one. */
+const generation = () =>
+  uint()
+    .optional()
+    .describe("the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED");
+
+/** The optimizer create_optimizer builds; a checkpoint keeps it (CheckpointExtra.optimizer) to rebuild the same one. */
+export const OptimizerConfig = z.strictObject({
   name: z.enum(["nanoadam", "adamw"]),
   lr: z.number().gte(0).optional(),
   betas: z.tuple([z.number(), z.number()]).optional(),
@@ -45,7 +51,7 @@ export const CreateOptimizerParams = z.strictObject({
   tied: z.enum(["sparse", "dense"]).optional(),
   seed: int().optional(),
 })
-  .meta({ title: "CreateOptimizerParams" });
+  .meta({ title: "OptimizerConfig" });
 
 /**
  * What a checkpoint keeps beside weights and optimizer state (trainer_state.json
@@ -55,9 +61,13 @@ export const CreateOptimizerParams = z.strictObject({
 export const CheckpointExtra = z
   .strictObject({
     mask: MaskDecision.nullable().optional().describe("the mask decision in force at the save (written by the sidecar)"),
-    optimizer: CreateOptimizerParams.nullable().optional().describe("create_optimizer's params (written by the sidecar)"),
+    optimizer: OptimizerConfig.nullable().optional().describe("the optimizer create_optimizer built (written by the sidecar)"),
     policy: z
-      .strictObject({ name: z.string(), activatedAt: uint().describe("the step at which this policy became active") })
+      .strictObject({
+        name: z.string(),
+        activatedAt: uint().describe("the step at which this policy became active"),
+        spec: z.record(z.string(), z.unknown()).nullable().optional().describe("the policy as JSON (its PolicyJSON) when it has one; null for a custom policy, known by name"),
+      })
       .meta({ title: "PolicyState" })
       .nullable()
       .optional()
@@ -73,7 +83,7 @@ const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() }).meta({ ti
 export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   load_model: {
     thread: "compute",
-    description: "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run.",
+    description: "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run (a new session generation).",
     params: z.strictObject({
       path: z.string().min(1).describe("a local HF model directory or a preset name"),
       dtype: z.enum(["float32", "bfloat16", "float16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU"),
@@ -90,12 +100,14 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       tied: z.array(z.array(z.string())).describe("groups of names sharing one tensor"),
       paramBytes: uint(),
       modelType: z.string(),
+      generation: uint().describe("the new session generation: later calls of this run carry it"),
     }),
   },
   load_dataset: {
     thread: "compute",
     description: "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation.",
     params: z.strictObject({
+      generation: generation(),
       path: z.string().min(1),
       format: z.enum(["auto", "text", "instruction", "alpaca", "commonsense", "chat"]).optional(),
       cutoff: int().min(2).optional().describe("most tokens per example (default 256)"),
@@ -118,17 +130,19 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   create_optimizer: {
     thread: "compute",
     description: "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline.",
-    params: CreateOptimizerParams,
+    params: OptimizerConfig.extend({ generation: generation() }),
     result: z.strictObject({
       name: z.string(),
       groups: z.array(z.strictObject({ sparse: z.boolean(), tensors: uint(), entries: uint() }).meta({ title: "OptimizerGroup" })),
       stateBytes: uint(),
+      generation: uint().describe("the new session generation: later calls of this run carry it"),
     }),
   },
   train_step: {
     thread: "compute",
     description: "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it.",
     params: z.strictObject({
+      generation: generation(),
       lr: z.number().gte(0),
       microBatch: int().min(1).optional(),
       gradAccum: int().min(1).optional(),
@@ -152,19 +166,20 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   set_mask_policy: {
     thread: "compute",
     description: "Sets criterion and densities; the masks refresh before the next step (now: at once).",
-    params: MaskDecision.extend({ now: z.boolean().optional() }),
+    params: MaskDecision.extend({ now: z.boolean().optional(), generation: generation() }),
     result: MaskResult,
   },
   refresh_mask: {
     thread: "compute",
     description: "Refreshes every mask now from the current weights (with the given or the last decision).",
-    params: z.strictObject({ mask: MaskDecision.optional() }),
+    params: z.strictObject({ mask: MaskDecision.optional(), generation: generation() }),
     result: MaskResult,
   },
   get_masks: {
     thread: "compute",
     description: "Reads the current masks back: flat int32 indices per tensor, as tensor frames.",
-    params: z.strictObject({ names: z.array(z.string()).optional() }),
+    params: z.strictObject({
+      generation: generation(), names: z.array(z.string()).optional() }),
     result: z.strictObject({
       masks: z.array(z.strictObject({ name: z.string(), numel: uint(), indices: TensorRef }).meta({ title: "MaskTensor" })),
     }),
@@ -172,13 +187,15 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   evaluate: {
     thread: "compute",
     description: "Token-mean loss and perplexity on the held-out set.",
-    params: z.strictObject({ batchSize: int().min(1).optional(), maxBatches: int().min(1).optional() }),
+    params: z.strictObject({
+      generation: generation(), batchSize: int().min(1).optional(), maxBatches: int().min(1).optional() }),
     result: z.strictObject({ loss: z.number(), perplexity: z.number(), tokens: uint(), timeS: z.number(), step: uint() }),
   },
   generate: {
     thread: "compute",
     description: "Greedy (temperature 0) or sampled continuation of a prompt or chat messages.",
     params: z.strictObject({
+      generation: generation(),
       prompt: z.union([z.string(), z.array(z.strictObject({ role: z.string(), content: z.string() }).meta({ title: "ChatMessage" }))]),
       maxNewTokens: int().min(1).optional(),
       temperature: z.number().gte(0).optional(),
@@ -190,13 +207,13 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   save_checkpoint: {
     thread: "compute",
     description: "Writes model (an HF directory), optimizer, data position, RNG and step atomically.",
-    params: z.strictObject({ path: z.string().min(1), extra: CheckpointExtra.optional() }),
+    params: z.strictObject({ path: z.string().min(1), extra: CheckpointExtra.optional(), generation: generation() }),
     result: z.strictObject({ path: z.string(), step: uint(), timeS: z.number() }),
   },
   load_checkpoint: {
     thread: "compute",
     description: "Restores a checkpoint into the loaded model, optimizer and data (built the same way).",
-    params: z.strictObject({ path: z.string().min(1) }),
+    params: z.strictObject({ path: z.string().min(1), generation: generation() }),
     result: z.strictObject({ path: z.string(), step: uint(), extra: CheckpointExtra }),
   },
 }) as const;

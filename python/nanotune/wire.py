@@ -34,6 +34,9 @@ class ErrorCode:
     CLOSED = "CLOSED"  # client: The client was closed before or during the call.
     INVALID_CONFIG = "INVALID_CONFIG"  # client: Trainer options or a config file are wrong; data.issues names every wrong field by its path.
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # client: A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it.
+    NON_FINITE = "NON_FINITE"  # sidecar: The step's loss or gradient norm is not finite; the step was not applied (weights, moments, mask and step unchanged); data holds step, loss and gradNorm.
+    SESSION_CHANGED = "SESSION_CHANGED"  # sidecar: The call carries a session generation that is no longer current: another client loaded a model or created an optimizer since.
+    SIDECAR_UNRESPONSIVE = "SIDECAR_UNRESPONSIVE"  # client: The sidecar missed its heartbeats while a call was pending (stopped, or stuck outside Python); data.stacks holds its thread dump when it could give one.
 
 
 ERROR_CODES: dict[str, dict[str, Any]] = {
@@ -51,6 +54,9 @@ ERROR_CODES: dict[str, dict[str, Any]] = {
     "CLOSED": {"origin": "client", "user_error": False, "description": "The client was closed before or during the call."},
     "INVALID_CONFIG": {"origin": "client", "user_error": True, "description": "Trainer options or a config file are wrong; data.issues names every wrong field by its path."},
     "INVALID_ARGUMENT": {"origin": "client", "user_error": True, "description": "A call or command line is wrong (unknown command, missing argument, an option that does not fit the run); the message names it."},
+    "NON_FINITE": {"origin": "sidecar", "user_error": False, "description": "The step's loss or gradient norm is not finite; the step was not applied (weights, moments, mask and step unchanged); data holds step, loss and gradNorm."},
+    "SESSION_CHANGED": {"origin": "sidecar", "user_error": False, "description": "The call carries a session generation that is no longer current: another client loaded a model or created an optimizer since."},
+    "SIDECAR_UNRESPONSIVE": {"origin": "client", "user_error": False, "description": "The sidecar missed its heartbeats while a call was pending (stopped, or stuck outside Python); data.stacks holds its thread dump when it could give one."},
 }
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool")
@@ -59,154 +65,61 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16",
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Base of every wire Struct: unknown fields are errors; absent optional fields are
     omitted. A field whose wire name differs from its Python name says so with
-    msgspec.field(name=...), rather than a blanket rename rule."""
+    msgspec.field(name=...), rather than a blanket rename rule. Every subclass is
+    kw_only=True too (msgspec applies it per class), so an optional field may come
+    before a required one."""
 
 
-class TensorRef(Model):
+class TensorRef(Model, kw_only=True):
     dtype: Literal["float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool"]
     shape: list[Annotated[int, Meta(ge=0)]]
     frame: Annotated[int, Meta(ge=0)]
 
 
-class HelloParams(Model):
-    protocol: int
-    client: str | None = None
-
-
-class CudaInfo(Model):
+class CudaInfo(Model, kw_only=True):
     name: str
     total_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="totalBytes")
     free_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="freeBytes")
 
 
-class HelloResult(Model):
-    protocol: int
-    sidecar: str  # nanotune package version
-    python: str
-    torch: str
-    pid: Annotated[int, Meta(ge=0)]
-    device: str  # "cpu" or "cuda:N"
-    dtype: str  # default parameter dtype on that device
-    cuda: CudaInfo | None
-    methods: list[str]
-
-
-class PingParams(Model):
-    pass
-
-
-class PingResult(Model):
-    pass
-
-
-class StatusParams(Model):
-    pass
-
-
-class BusyInfo(Model):
+class BusyInfo(Model, kw_only=True):
     id: Annotated[int, Meta(ge=0)]
     method: str
     running_s: float = msgspec.field(name="runningS")
     cancelling: bool
 
 
-class StatusResult(Model):
-    pid: Annotated[int, Meta(ge=0)]
-    uptime_s: float = msgspec.field(name="uptimeS")
-    ready: bool  # torch imported and method modules loaded
-    busy: BusyInfo | None
-    served: Annotated[int, Meta(ge=0)]  # requests answered so far
-    rejected: Annotated[int, Meta(ge=0)]  # requests answered with an error so far
+class OptimizerGroup(Model, kw_only=True):
+    sparse: bool
+    tensors: Annotated[int, Meta(ge=0)]
+    entries: Annotated[int, Meta(ge=0)]
 
 
-class CancelParams(Model):
-    id: Annotated[int, Meta(ge=0)] | None = None
+class MaskDecision(Model, kw_only=True):
+    criterion: Literal["small_weights", "large_weights", "random", "large_grads"]
+    density: Annotated[float, Meta(le=1, gt=0)]  # density of every tensor not matched by perTensor
+    per_tensor: dict[str, Annotated[float, Meta(ge=0, le=1)]] | None = msgspec.field(default=None, name="perTensor")  # regular expression on tensor names -> density; first match wins; 0 freezes
+    include: list[str] | None = None  # only tensors matching one of these train
+    exclude: list[str] | None = None  # tensors matching one of these are frozen
 
 
-class CancelResult(Model):
-    cancelled: bool
-    id: Annotated[int, Meta(ge=0)] | None
+class MaskResult(Model, kw_only=True):
+    tensors: Annotated[int, Meta(ge=0)]
+    frozen: Annotated[int, Meta(ge=0)]
 
 
-class ShutdownParams(Model):
-    pass
+class MaskTensor(Model, kw_only=True):
+    name: str
+    numel: Annotated[int, Meta(ge=0)]
+    indices: TensorRef
 
 
-class ShutdownResult(Model):
-    pass
+class ChatMessage(Model, kw_only=True):
+    role: str
+    content: str
 
 
-class DebugBusyParams(Model):
-    seconds: Annotated[float, Meta(ge=0)]
-    tick_every_s: Annotated[float, Meta(gt=0)] | None = msgspec.field(default=None, name="tickEveryS")  # emit debug:tick this often (default: never)
-    cooperative: bool | None = None  # false: never call check_cancelled (tests the forced cancel)
-
-
-class DebugBusyResult(Model):
-    iterations: Annotated[int, Meta(ge=0)]
-    seconds: float
-
-
-class DebugEchoParams(Model):
-    value: Any | None = None
-    tensor: TensorRef | None = None
-
-
-class DebugEchoResult(Model):
-    value: Any
-    tensor: TensorRef | None
-
-
-class DebugStoreParams(Model):
-    key: str
-    value: Any | None = None
-
-
-class DebugStoreResult(Model):
-    previous: Any
-
-
-class LoadModelParams(Model):
-    path: Annotated[str, Meta(min_length=1)]  # a local HF model directory or a preset name
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
-    device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
-    gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
-    seed: int | None = None  # init seed of a preset (0: the shared cached build)
-
-
-class LoadModelResult(Model):
-    path: str
-    device: str
-    dtype: str
-    parameters: Annotated[int, Meta(ge=0)]
-    trainable_parameters: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainableParameters")
-    tied: list[list[str]]  # groups of names sharing one tensor
-    param_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="paramBytes")
-    model_type: str = msgspec.field(name="modelType")
-
-
-class LoadDatasetParams(Model):
-    path: Annotated[str, Meta(min_length=1)]
-    format: Literal["auto", "text", "instruction", "alpaca", "commonsense", "chat"] | None = None
-    cutoff: Annotated[int, Meta(ge=2)] | None = None  # most tokens per example (default 256)
-    train_on_inputs: bool | None = msgspec.field(default=None, name="trainOnInputs")  # false (default): loss on responses only
-    seed: int | None = None
-    shuffle: bool | None = None
-    eval_fraction: Annotated[float, Meta(ge=0, lt=1)] | None = msgspec.field(default=None, name="evalFraction")
-    eval_path: str | None = msgspec.field(default=None, name="evalPath")
-
-
-class LoadDatasetResult(Model):
-    path: str
-    format: str
-    train_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainExamples")
-    eval_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="evalExamples")
-    tokens: Annotated[int, Meta(ge=0)]
-    truncated: Annotated[int, Meta(ge=0)]
-    dropped: Annotated[int, Meta(ge=0)]
-
-
-class CreateOptimizerParams(Model):
+class OptimizerConfig(Model, kw_only=True):
     name: Literal["nanoadam", "adamw"]
     lr: Annotated[float, Meta(ge=0)] | None = None
     betas: tuple[float, float] | None = None
@@ -228,27 +141,162 @@ class CreateOptimizerParams(Model):
     seed: int | None = None
 
 
-class OptimizerGroup(Model):
-    sparse: bool
-    tensors: Annotated[int, Meta(ge=0)]
-    entries: Annotated[int, Meta(ge=0)]
+class PolicyState(Model, kw_only=True):
+    name: str
+    activated_at: Annotated[int, Meta(ge=0)] = msgspec.field(name="activatedAt")  # the step at which this policy became active
+    spec: dict[str, Any] | None = None  # the policy as JSON (its PolicyJSON) when it has one; null for a custom policy, known by name
 
 
-class CreateOptimizerResult(Model):
+class CheckpointExtra(Model, kw_only=True):
+    mask: MaskDecision | None = None  # the mask decision in force at the save (written by the sidecar)
+    optimizer: OptimizerConfig | None = None  # the optimizer create_optimizer built (written by the sidecar)
+    policy: PolicyState | None = None  # the Trainer's active mask policy
+    config: dict[str, Any] | None = None  # the Trainer's resolved config as JSON
+    user: dict[str, Any] | None = None  # anything else the caller wants kept
+
+
+class HelloParams(Model, kw_only=True):
+    protocol: int
+    client: str | None = None
+
+
+class HelloResult(Model, kw_only=True):
+    protocol: int
+    sidecar: str  # nanotune package version
+    python: str
+    torch: str
+    pid: Annotated[int, Meta(ge=0)]
+    device: str  # "cpu" or "cuda:N"
+    dtype: str  # default parameter dtype on that device
+    cuda: CudaInfo | None
+    methods: list[str]
+    transport: Literal["ipc", "tcp"]  # what the sidecar is bound on
+    security: Literal["ipc-private-dir", "curve"]  # ipc: a socket in a 0700 directory; tcp: ZeroMQ CURVE, only our client's key
+
+
+class PingParams(Model, kw_only=True):
+    pass
+
+
+class PingResult(Model, kw_only=True):
+    pass
+
+
+class StatusParams(Model, kw_only=True):
+    pass
+
+
+class StatusResult(Model, kw_only=True):
+    pid: Annotated[int, Meta(ge=0)]
+    uptime_s: float = msgspec.field(name="uptimeS")
+    ready: bool  # torch imported and method modules loaded
+    busy: BusyInfo | None
+    served: Annotated[int, Meta(ge=0)]  # requests answered so far
+    rejected: Annotated[int, Meta(ge=0)]  # requests answered with an error so far
+
+
+class CancelParams(Model, kw_only=True):
+    id: Annotated[int, Meta(ge=0)] | None = None
+
+
+class CancelResult(Model, kw_only=True):
+    cancelled: bool
+    id: Annotated[int, Meta(ge=0)] | None
+
+
+class ShutdownParams(Model, kw_only=True):
+    pass
+
+
+class ShutdownResult(Model, kw_only=True):
+    pass
+
+
+class DebugBusyParams(Model, kw_only=True):
+    seconds: Annotated[float, Meta(ge=0)]
+    tick_every_s: Annotated[float, Meta(gt=0)] | None = msgspec.field(default=None, name="tickEveryS")  # emit debug:tick this often (default: never)
+    cooperative: bool | None = None  # false: never call check_cancelled (tests the forced cancel)
+
+
+class DebugBusyResult(Model, kw_only=True):
+    iterations: Annotated[int, Meta(ge=0)]
+    seconds: float
+
+
+class DebugEchoParams(Model, kw_only=True):
+    value: Any | None = None
+    tensor: TensorRef | None = None
+
+
+class DebugEchoResult(Model, kw_only=True):
+    value: Any
+    tensor: TensorRef | None
+
+
+class DebugStoreParams(Model, kw_only=True):
+    key: str
+    value: Any | None = None
+
+
+class DebugStoreResult(Model, kw_only=True):
+    previous: Any
+
+
+class LoadModelParams(Model, kw_only=True):
+    path: Annotated[str, Meta(min_length=1)]  # a local HF model directory or a preset name
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
+    gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
+    seed: int | None = None  # init seed of a preset (0: the shared cached build)
+
+
+class LoadModelResult(Model, kw_only=True):
+    path: str
+    device: str
+    dtype: str
+    parameters: Annotated[int, Meta(ge=0)]
+    trainable_parameters: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainableParameters")
+    tied: list[list[str]]  # groups of names sharing one tensor
+    param_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="paramBytes")
+    model_type: str = msgspec.field(name="modelType")
+    generation: Annotated[int, Meta(ge=0)]  # the new session generation: later calls of this run carry it
+
+
+class LoadDatasetParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
+    path: Annotated[str, Meta(min_length=1)]
+    format: Literal["auto", "text", "instruction", "alpaca", "commonsense", "chat"] | None = None
+    cutoff: Annotated[int, Meta(ge=2)] | None = None  # most tokens per example (default 256)
+    train_on_inputs: bool | None = msgspec.field(default=None, name="trainOnInputs")  # false (default): loss on responses only
+    seed: int | None = None
+    shuffle: bool | None = None
+    eval_fraction: Annotated[float, Meta(ge=0, lt=1)] | None = msgspec.field(default=None, name="evalFraction")
+    eval_path: str | None = msgspec.field(default=None, name="evalPath")
+
+
+class LoadDatasetResult(Model, kw_only=True):
+    path: str
+    format: str
+    train_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainExamples")
+    eval_examples: Annotated[int, Meta(ge=0)] = msgspec.field(name="evalExamples")
+    tokens: Annotated[int, Meta(ge=0)]
+    truncated: Annotated[int, Meta(ge=0)]
+    dropped: Annotated[int, Meta(ge=0)]
+
+
+class CreateOptimizerParams(OptimizerConfig, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
+
+
+class CreateOptimizerResult(Model, kw_only=True):
     name: str
     groups: list[OptimizerGroup]
     state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")
+    generation: Annotated[int, Meta(ge=0)]  # the new session generation: later calls of this run carry it
 
 
-class MaskDecision(Model):
-    criterion: Literal["small_weights", "large_weights", "random", "large_grads"]
-    density: Annotated[float, Meta(le=1, gt=0)]  # density of every tensor not matched by perTensor
-    per_tensor: dict[str, Annotated[float, Meta(ge=0, le=1)]] | None = msgspec.field(default=None, name="perTensor")  # regular expression on tensor names -> density; first match wins; 0 freezes
-    include: list[str] | None = None  # only tensors matching one of these train
-    exclude: list[str] | None = None  # tensors matching one of these are frozen
-
-
-class TrainStepParams(Model):
+class TrainStepParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     lr: Annotated[float, Meta(ge=0)]
     micro_batch: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="microBatch")
     grad_accum: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="gradAccum")
@@ -256,7 +304,7 @@ class TrainStepParams(Model):
     mask: MaskDecision | None = None
 
 
-class TrainStepResult(Model):
+class TrainStepResult(Model, kw_only=True):
     step: Annotated[int, Meta(ge=0)]
     loss: float
     grad_norm: float | None = msgspec.field(name="gradNorm")
@@ -270,39 +318,32 @@ class TrainStepResult(Model):
     state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")  # bytes of optimizer state after the step
 
 
-class SetMaskPolicyParams(MaskDecision):
+class SetMaskPolicyParams(MaskDecision, kw_only=True):
     now: bool | None = None
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
 
 
-class MaskResult(Model):
-    tensors: Annotated[int, Meta(ge=0)]
-    frozen: Annotated[int, Meta(ge=0)]
-
-
-class RefreshMaskParams(Model):
+class RefreshMaskParams(Model, kw_only=True):
     mask: MaskDecision | None = None
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
 
 
-class GetMasksParams(Model):
+class GetMasksParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     names: list[str] | None = None
 
 
-class MaskTensor(Model):
-    name: str
-    numel: Annotated[int, Meta(ge=0)]
-    indices: TensorRef
-
-
-class GetMasksResult(Model):
+class GetMasksResult(Model, kw_only=True):
     masks: list[MaskTensor]
 
 
-class EvaluateParams(Model):
+class EvaluateParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     batch_size: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="batchSize")
     max_batches: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maxBatches")
 
 
-class EvaluateResult(Model):
+class EvaluateResult(Model, kw_only=True):
     loss: float
     perplexity: float
     tokens: Annotated[int, Meta(ge=0)]
@@ -310,12 +351,8 @@ class EvaluateResult(Model):
     step: Annotated[int, Meta(ge=0)]
 
 
-class ChatMessage(Model):
-    role: str
-    content: str
-
-
-class GenerateParams(Model):
+class GenerateParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     prompt: str | list[ChatMessage]
     max_new_tokens: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maxNewTokens")
     temperature: Annotated[float, Meta(ge=0)] | None = None
@@ -323,45 +360,34 @@ class GenerateParams(Model):
     seed: int | None = None
 
 
-class GenerateResult(Model):
+class GenerateResult(Model, kw_only=True):
     text: str
 
 
-class PolicyState(Model):
-    name: str
-    activated_at: Annotated[int, Meta(ge=0)] = msgspec.field(name="activatedAt")  # the step at which this policy became active
-
-
-class CheckpointExtra(Model):
-    mask: MaskDecision | None = None  # the mask decision in force at the save (written by the sidecar)
-    optimizer: CreateOptimizerParams | None = None  # create_optimizer's params (written by the sidecar)
-    policy: PolicyState | None = None  # the Trainer's active mask policy
-    config: dict[str, Any] | None = None  # the Trainer's resolved config as JSON
-    user: dict[str, Any] | None = None  # anything else the caller wants kept
-
-
-class SaveCheckpointParams(Model):
+class SaveCheckpointParams(Model, kw_only=True):
     path: Annotated[str, Meta(min_length=1)]
     extra: CheckpointExtra | None = None
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
 
 
-class SaveCheckpointResult(Model):
+class SaveCheckpointResult(Model, kw_only=True):
     path: str
     step: Annotated[int, Meta(ge=0)]
     time_s: float = msgspec.field(name="timeS")
 
 
-class LoadCheckpointParams(Model):
+class LoadCheckpointParams(Model, kw_only=True):
     path: Annotated[str, Meta(min_length=1)]
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
 
 
-class LoadCheckpointResult(Model):
+class LoadCheckpointResult(Model, kw_only=True):
     path: str
     step: Annotated[int, Meta(ge=0)]
     extra: CheckpointExtra
 
 
-class DebugTick(Model):
+class DebugTick(Model, kw_only=True):
     iteration: Annotated[int, Meta(ge=0)]
     elapsed_s: float = msgspec.field(name="elapsedS")
 
@@ -382,7 +408,7 @@ METHODS: dict[str, MethodSpec] = {
     "debug.busy": MethodSpec(DebugBusyParams, DebugBusyResult, "compute", "Diagnostic: computes (small matmuls) for `seconds`, checking for cancellation between steps; emits debug:tick."),
     "debug.echo": MethodSpec(DebugEchoParams, DebugEchoResult, "io", "Diagnostic: returns value and tensor as received (the tensor zero-copy)."),
     "debug.store": MethodSpec(DebugStoreParams, DebugStoreResult, "compute", "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value."),
-    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run."),
+    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run (a new session generation)."),
     "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation."),
     "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline."),
     "train_step": MethodSpec(TrainStepParams, TrainStepResult, "compute", "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it."),

@@ -23,7 +23,7 @@ describe("protocol/schema.json", () => {
     params.properties.lr = { ...params.properties.lr, minimum: 1 };
     const changed = wirePyText(json);
     expect(changed).not.toBe(wirePyText());
-    expect(changed).toMatch(/class TrainStepParams\(Model\):\n    lr: Annotated\[float, Meta\(ge=1\)\]/);
+    expect(changed).toMatch(/class TrainStepParams\(Model, kw_only=True\):\n(    .*\n)*    lr: Annotated\[float, Meta\(ge=1\)\]/);
     expect(wirePyText()).toMatch(/micro_batch: Annotated\[int, Meta\(ge=1\)\] \| None = msgspec\.field\(default=None, name="microBatch"\)/);
   });
 
