@@ -30,13 +30,17 @@ here, so this equals tokenizing the joined text in practice.
 
 Shuffling: epoch e visits the examples in the order torch.randperm(n) with a
 generator seeded from (seed, e); the position (epoch, index) therefore fixes the
-rest of the stream, and a checkpoint only has to store those two numbers.
+rest of the stream, and a checkpoint only has to store those two numbers (plus
+what they must match on resume: the number of examples, seed, shuffle and a
+fingerprint of the tokenized examples, so a position is never applied to other data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -235,6 +239,19 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the tokenized examples (ids and labels, in order); computed once."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None or cached[0] != len(self.input_ids):
+            h = hashlib.blake2b(digest_size=16)
+            for ids, labels in zip(self.input_ids, self.labels):
+                h.update(len(ids).to_bytes(4, "little"))
+                h.update(array("q", ids).tobytes())
+                h.update(array("q", labels).tobytes())
+            cached = self.__dict__["_fingerprint"] = (len(self.input_ids), h.hexdigest())
+        return cached[1]
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate([self.input_ids[i] for i in indices], [self.labels[i] for i in indices], self.pad_id)
 
@@ -417,16 +434,32 @@ class BatchIterator:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index, "batch_size": self.batch_size,
-                "num_examples": len(self.dataset), "seed": self.dataset.seed, "shuffle": self.shuffle}
+                "num_examples": len(self.dataset), "seed": self.dataset.seed, "shuffle": self.shuffle,
+                "fingerprint": self.dataset.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("num_examples", "seed", "shuffle"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
-                raise DatasetError(f"data position: {key}={state[key]!r} in the checkpoint but {mine!r} here; "
-                                   f"resuming would not continue the same data order", field="data_state")
+        """Continues at `state` (a state_dict(), maybe through JSON). Checks everything
+        first: a DatasetError (field "data_state.<key>") leaves the position unchanged.
+        A key the state lacks is not checked (states of older versions)."""
+        if not isinstance(state, dict):
+            raise DatasetError(f"data position: expected a map, got {type(state).__name__}", field="data_state")
         for key in ("epoch", "index"):
-            if not isinstance(state.get(key), int) or state[key] < 0:
-                raise DatasetError(f"data position: {key} must be a non-negative integer, got {state.get(key)!r}",
-                                   field="data_state")
+            v = state.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise DatasetError(f"data position: {key} must be a non-negative integer, got {v!r}",
+                                   field=f"data_state.{key}")
+        v = state.get("batch_size", 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise DatasetError(f"data position: batch_size must be a positive integer, got {v!r}",
+                               field="data_state.batch_size")
+        mine = {"num_examples": len(self.dataset), "seed": self.dataset.seed, "shuffle": self.shuffle}
+        for key in ("num_examples", "seed", "shuffle", "fingerprint"):
+            if key not in state:
+                continue
+            here = self.dataset.fingerprint if key == "fingerprint" else mine[key]
+            if state[key] != here:
+                what = "the tokenized examples differ" if key == "fingerprint" else f"{key}={state[key]!r} in the " \
+                    f"checkpoint but {here!r} here"
+                raise DatasetError(f"data position: {what}; resuming would not continue the same data order",
+                                   field=f"data_state.{key}")
         self.epoch, self.index = state["epoch"], state["index"]

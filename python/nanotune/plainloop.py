@@ -47,6 +47,8 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     steps = []
     for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
         event = json.loads(line)
+        if event.get("type") == "step:skipped":
+            raise ReplayError(f"{metrics_path}:{n}: the run skipped a non-finite step; its data position cannot be replayed")
         if event.get("type") == "train:step":
             if "mask" not in event:
                 raise ReplayError(f"{metrics_path}:{n}: train:step has no `mask` (written by an older nanotune)")

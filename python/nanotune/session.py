@@ -18,6 +18,40 @@ criterion and densities); the Session does the work. NanoAdam is therefore
 created with ``mask_interval=None`` unless the caller gives one: with no
 interval it refreshes only when told (``mask=...`` on a step, or
 :meth:`Session.set_mask_policy`), plus its first step.
+
+Note [session generation]: the Session counts `generation`: load_model and
+create_optimizer each start a new one (+1) and return it. Every other call's
+params may carry the generation the caller believes current; one that differs
+fails with SESSION_CHANGED (message: the call and both numbers; data {expected,
+got}) before anything changes, so a client cannot train, save or load on a run
+that another client has replaced meanwhile. An absent generation means "the
+current one" (older clients, Python callers). create_optimizer checks the one it
+is given, then starts the next.
+
+Note [refused steps]: train_step refuses a step whose loss or global gradient
+norm is not finite (training.py, Note [non-finite steps]): NanotuneError code
+NON_FINITE, data {step, loss, gradNorm} (floats; NaN and inf travel as such in
+msgpack). Weights, optimizer state (moments, masks, per-tensor step counters,
+group options, a pending mask refresh), the session's step counter and its mask
+decision are bit-identical across a refused step: the step's own mask decision
+is applied only once the step is known to be finite (before backward in
+NanoAdam's sparse-gradient mode, and undone on refusal). The data position does
+advance: the offending micro-batches were consumed, so a controller that skips
+the step moves on to new data (resuming a checkpoint restores the position too).
+What the guard cannot see: an update that is finite but ruinous (lr 1e10 makes
+weights of ~1e10, still finite in fp32 and bf16) is applied; the next step's
+loss is then non-finite and refused, and the run recovers by load_checkpoint
+of an earlier checkpoint. A post-update guard (snapshot the masked entries and
+their moments, check isfinite after the step, restore) was considered and left
+out: it would not catch that finite blow-up, only an overflow to inf, which the
+next step's check refuses anyway, and for the dense group (untied heads) its
+snapshot is a full copy of weights and moments.
+
+Note [checkpoint loads]: load_checkpoint validates the whole checkpoint against
+this session first (checkpoint.read_checkpoint: trainer_state.json, weights,
+optimizer state, RNG; here: `extra` and the data position against the loaded
+dataset), then applies it; any error is INVALID_PARAMS naming the file and key,
+and leaves weights, optimizer state, data position, step and mask as they were.
 """
 
 from __future__ import annotations
@@ -31,9 +65,9 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 
-from .checkpoint import STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import STATE_FILE, CheckpointError, read_checkpoint, save_checkpoint
 from .data import BatchIterator, DatasetError, LoadedDataset, load_dataset
-from .errors import InvalidParams, field_of
+from .errors import ErrorCode, InvalidParams, NanotuneError, field_of
 from .models import LoadedModel, load_model
 from .training import create_optimizer, evaluate, generate, train_step
 from .wire import (
@@ -55,6 +89,7 @@ from .wire import (
     MaskDecision,
     MaskResult,
     MaskTensor,
+    OptimizerConfig,
     OptimizerGroup,
     RefreshMaskParams,
     SaveCheckpointParams,
@@ -64,9 +99,21 @@ from .wire import (
     TrainStepResult,
 )
 
-__all__ = ["MaskDecision", "Session", "SessionError"]
+__all__ = ["MaskDecision", "Session", "SessionChanged", "SessionError"]
 
 S = TypeVar("S", bound=msgspec.Struct)
+
+
+class SessionChanged(NanotuneError):
+    """A call for a session generation that is no longer current (code SESSION_CHANGED;
+    Note [session generation]); data {expected, got}."""
+
+    code = ErrorCode.SESSION_CHANGED
+
+    def __init__(self, method: str, expected: int, got: int):
+        super().__init__(None, f"{method}: the call belongs to session generation {got}, but the session is at "
+                               f"generation {expected} (load_model or create_optimizer ran since); nothing was done",
+                         {"expected": expected, "got": got})
 
 
 class SessionError(InvalidParams):
@@ -115,9 +162,15 @@ class Session:
         self.data: LoadedDataset | None = None
         self.batches: BatchIterator | None = None  # training batches, micro-batch sized
         self.optimizer: torch.optim.Optimizer | None = None
-        self.optimizer_params: CreateOptimizerParams | None = None  # what built self.optimizer
+        self.optimizer_params: OptimizerConfig | None = None  # what built self.optimizer
         self.step = 0  # optimizer steps taken
         self.mask: MaskDecision | None = None  # the last mask decision applied
+        self.generation = 0  # Note [session generation]
+
+    def _check_generation(self, p: Any, method: str) -> None:
+        got = getattr(p, "generation", None)
+        if got is not None and got != self.generation:
+            raise SessionChanged(method, self.generation, got)
 
     # ------------------------------------------------------------------ setup
 
@@ -126,14 +179,17 @@ class Session:
         self.loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
                                  gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0)
         self.optimizer, self.optimizer_params, self.step, self.mask = None, None, 0, None  # a new run
+        self.generation += 1
         lm, info = self.loaded, self.loaded.info
         return LoadModelResult(path=lm.path, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
                                parameters=info["parameters"], trainable_parameters=info["trainable_parameters"],
                                tied=info["tied"], param_bytes=info["param_bytes"],
-                               model_type=getattr(lm.model.config, "model_type", "unknown"))
+                               model_type=getattr(lm.model.config, "model_type", "unknown"),
+                               generation=self.generation)
 
     def load_dataset(self, p: LoadDatasetParams | None = None, /, **fields: Any) -> LoadDatasetResult:
         p = params(LoadDatasetParams, p, fields)
+        self._check_generation(p, "load_dataset")
         lm = self._need_model()
         fmt = p.format or "auto"
         self.data = load_dataset(p.path, lm.tokenizer, format=fmt, cutoff=256 if p.cutoff is None else p.cutoff,
@@ -153,10 +209,17 @@ class Session:
                       "moments_on_refresh", "bias_correction", "moments_dtype", "index_dtype", "sparse_gradients",
                       "dense", "tied", "seed")
 
-    def create_optimizer(self, p: CreateOptimizerParams | None = None, /, **fields: Any) -> CreateOptimizerResult:
+    def create_optimizer(self, p: CreateOptimizerParams | OptimizerConfig | None = None, /,
+                         **fields: Any) -> CreateOptimizerResult:
+        """Builds the optimizer (p: create_optimizer's params, or an OptimizerConfig such as
+        a checkpoint's extra.optimizer) and starts a new session generation."""
+        if type(p) is OptimizerConfig and not fields:
+            p = CreateOptimizerParams(**{f: getattr(p, f) for f in OptimizerConfig.__struct_fields__})
         p = params(CreateOptimizerParams, p, fields)
+        self._check_generation(p, "create_optimizer")
         lm = self._need_model()
-        opts = {k: v for k, v in msgspec.structs.asdict(p).items() if v is not None and k != "name"}
+        opts = {k: v for k, v in msgspec.structs.asdict(p).items()
+                if v is not None and k not in ("name", "generation")}
         if p.name == "adamw":
             wrong = [k for k in opts if k in self._NANOADAM_ONLY]
             if wrong:
@@ -164,13 +227,18 @@ class Session:
                                    wrong[0])
         else:
             opts.setdefault("mask_interval", None)  # the controller decides when to refresh
-        self.optimizer = create_optimizer(lm.model, p.name, **opts)
-        self.optimizer_params = p
+        opt = create_optimizer(lm.model, p.name, **opts)
+        for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
+            hook.remove()
+        self.optimizer = opt
+        # What a checkpoint keeps (CheckpointExtra.optimizer): the config without the generation.
+        self.optimizer_params = OptimizerConfig(**{f: getattr(p, f) for f in OptimizerConfig.__struct_fields__})
         self.mask = None
-        opt = self.optimizer
+        self.generation += 1
         groups = [OptimizerGroup(sparse=bool(g.get("sparse", False)), tensors=len(g["params"]),
                                  entries=sum(q.numel() for q in g["params"])) for g in opt.param_groups]
-        return CreateOptimizerResult(name=p.name, groups=groups, state_bytes=_state_bytes(opt))
+        return CreateOptimizerResult(name=p.name, groups=groups, state_bytes=_state_bytes(opt),
+                                     generation=self.generation)
 
     # ------------------------------------------------------------------ masks
 
@@ -210,8 +278,20 @@ class Session:
         at the start of the next step (what the Trainer uses), with now=True at once
         from the current weights."""
         if isinstance(decision, SetMaskPolicyParams):
+            self._check_generation(decision, "set_mask_policy")
             now = bool(decision.now) if now is None else now
             decision = MaskDecision(**{k: getattr(decision, k) for k in MaskDecision.__struct_fields__})
+        elif isinstance(decision, Mapping) and "generation" in decision:
+            self._check_generation(as_struct({"generation": decision["generation"]}, GetMasksParams, "params"),
+                                   "set_mask_policy")
+            decision = {k: v for k, v in decision.items() if k != "generation"}
+        decision, per = self._check_mask(decision)
+        self._apply_mask(decision, per, bool(now))
+        return MaskResult(tensors=len(self.tensor_names()), frozen=sum(1 for v in (per or {}).values() if v == 0))
+
+    def _check_mask(self, decision: MaskDecision | Mapping[str, Any]) -> tuple[MaskDecision, dict[str, float] | None]:
+        """The decision as a MaskDecision and its per-tensor densities, checked against
+        the optimizer; changes nothing."""
         decision = as_struct(decision, MaskDecision, "mask")
         opt = self._need_optimizer()
         if not hasattr(opt, "refresh_mask"):
@@ -222,6 +302,10 @@ class Session:
         except re.error as e:
             raise SessionError(f"mask pattern {e.pattern!r} is not a valid regular expression: {e}",
                                "per_tensor") from e
+        return decision, per
+
+    def _apply_mask(self, decision: MaskDecision, per: dict[str, float] | None, now: bool) -> None:
+        opt = self._need_optimizer()
         try:
             opt.refresh_mask(density=float(decision.density), criterion=decision.criterion, now=False)
             if per is not None:
@@ -231,11 +315,11 @@ class Session:
         except ValueError as e:  # e.g. large_grads refreshed now, before any gradient exists
             raise SessionError(f"mask: {e}", "criterion") from e
         self.mask = decision
-        return MaskResult(tensors=len(self.tensor_names()), frozen=sum(1 for v in (per or {}).values() if v == 0))
 
     def refresh_mask(self, p: RefreshMaskParams | None = None, /, **fields: Any) -> MaskResult:
         """Refreshes every mask now, with p.mask or else the last decision applied."""
         p = params(RefreshMaskParams, p, fields)
+        self._check_generation(p, "refresh_mask")
         decision = p.mask if p.mask is not None else self.mask
         if decision is None:
             raise SessionError("no mask decision yet; pass mask", "mask")
@@ -258,6 +342,7 @@ class Session:
         """masks() as get_masks' result; each `indices` holds the tensor itself (the
         sidecar's codec sends it as a frame and writes its TensorRef)."""
         p = params(GetMasksParams, p, fields)
+        self._check_generation(p, "get_masks")
         masks = self.masks(p.names)
         sizes = {n: q.numel() for n, q in self.loaded.model.named_parameters()} if self.loaded else {}
         return GetMasksResult(masks=[MaskTensor(name=n, numel=sizes.get(n, 0), indices=m.cpu())
@@ -267,21 +352,29 @@ class Session:
 
     def train_step(self, p: TrainStepParams | None = None, /, **fields: Any) -> TrainStepResult:
         """One optimizer step over `grad_accum` micro-batches of `micro_batch` examples
-        (1 and 1 when not given); `mask`: a decision applied (refresh) before it."""
+        (1 and 1 when not given); `mask`: a decision applied (refresh) before it.
+        A step whose loss or gradient norm is not finite is refused with NON_FINITE and
+        changes nothing but the data position (Note [refused steps])."""
         p = params(TrainStepParams, p, fields)
+        self._check_generation(p, "train_step")
         lm = self._need_model()
         opt = self._need_optimizer()
         data = self._need_data()
+        mask = self._check_mask(p.mask) if p.mask is not None else None  # a bad decision fails before the step
         micro_batch, grad_accum = p.micro_batch or 1, p.grad_accum or 1
         if self.batches is None or self.batches.batch_size != micro_batch:
             position = self.batches.state_dict() if self.batches is not None else None
             self.batches = data.train.batches(micro_batch)
             if position is not None:  # keep the position when the micro-batch size changes
                 self.batches.epoch, self.batches.index = position["epoch"], position["index"]
-        if p.mask is not None:
-            self.set_mask_policy(p.mask, now=False)
         batches = [next(self.batches) for _ in range(grad_accum)]
-        out = train_step(lm.model, opt, batches, p.lr, grad_clip=p.grad_clip)
+        before = self.mask
+        try:
+            out = train_step(lm.model, opt, batches, p.lr, grad_clip=p.grad_clip, step=self.step,
+                             pending=None if mask is None else lambda: self._apply_mask(*mask, now=False))
+        except BaseException:
+            self.mask = before  # the optimizer's part came back in train_step
+            raise
         result = TrainStepResult(**out, step=self.step,
                                  epoch=self.batches.epoch + self.batches.index / max(1, len(data.train)),
                                  state_bytes=_state_bytes(opt))
@@ -291,6 +384,7 @@ class Session:
     def evaluate(self, p: EvaluateParams | None = None, /, **fields: Any) -> EvaluateResult:
         """Token-mean loss and perplexity on the held-out set, in batches of p.batch_size (8)."""
         p = params(EvaluateParams, p, fields)
+        self._check_generation(p, "evaluate")
         lm = self._need_model()
         data = self._need_data()
         if data.eval is None or len(data.eval) == 0:
@@ -307,6 +401,7 @@ class Session:
         """The continuation of p.prompt (a string, or chat messages), greedy unless
         p.temperature > 0; at most p.max_new_tokens (64) tokens."""
         p = params(GenerateParams, p, fields)
+        self._check_generation(p, "generate")
         lm = self._need_model()
         if isinstance(p.prompt, str):
             prompt: Any = p.prompt
@@ -327,6 +422,7 @@ class Session:
         with the mask decision and optimizer params this session applies, as one
         CheckpointExtra (its wire form in trainer_state.json)."""
         p = params(SaveCheckpointParams, p, fields)
+        self._check_generation(p, "save_checkpoint")
         lm = self._need_model()
         extra = msgspec.structs.replace(p.extra or CheckpointExtra(), mask=self.mask, optimizer=self.optimizer_params)
         t0 = time.perf_counter()
@@ -337,22 +433,38 @@ class Session:
 
     def load_checkpoint(self, p: LoadCheckpointParams | None = None, /, **fields: Any) -> LoadCheckpointResult:
         """Restores weights, optimizer state, data position, RNG and step into the
-        current model/optimizer/data (build them the same way first)."""
+        current model/optimizer/data (build them the same way first). Everything is
+        checked before anything changes (Note [checkpoint loads])."""
         p = params(LoadCheckpointParams, p, fields)
+        self._check_generation(p, "load_checkpoint")
         lm = self._need_model()
-        state = load_checkpoint(p.path, model=lm.model, optimizer=self.optimizer)
+        pending = read_checkpoint(p.path, model=lm.model, optimizer=self.optimizer)
+        state, state_file = pending.state, Path(p.path) / STATE_FILE
         try:
             extra = msgspec.convert(state.extra, CheckpointExtra)
         except msgspec.ValidationError as e:
             where, why = field_of(e, "extra")
             raise CheckpointError(f"checkpoint {p.path!r}: {STATE_FILE} {where} does not fit this nanotune: {why}",
-                                  Path(p.path) / STATE_FILE) from None
+                                  state_file, where) from None
+        if extra.optimizer is not None and self.optimizer_params is not None \
+                and extra.optimizer.name != self.optimizer_params.name:
+            raise CheckpointError(f"checkpoint {p.path!r} was saved with the {extra.optimizer.name} optimizer; this "
+                                  f"session's is {self.optimizer_params.name}", state_file, "extra.optimizer.name")
+        batches = None
         if state.data_state is not None and self.data is not None:
+            ds = state.data_state
+            size = ds.get("batch_size", self.batches.batch_size if self.batches is not None else 1)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise CheckpointError(f"checkpoint {p.path!r}: {STATE_FILE} data_state.batch_size is {size!r}, not a "
+                                      "positive integer", state_file, "data_state.batch_size")
             try:
-                batches = self.data.train.batches(state.data_state["batch_size"])
-                batches.load_state_dict(state.data_state)
-            except (DatasetError, KeyError) as e:
-                raise CheckpointError(f"checkpoint {p.path!r} does not fit the loaded dataset: {e}", p.path) from e
+                batches = self.data.train.batches(size)
+                batches.load_state_dict(ds)
+            except DatasetError as e:
+                raise CheckpointError(f"checkpoint {p.path!r} does not fit the loaded dataset: {e}", state_file,
+                                      e.field or "data_state") from e
+        pending.apply()  # validated: from here nothing fails on the checkpoint's contents
+        if batches is not None:
             self.batches = batches
         self.step = state.step
         self.mask = extra.mask

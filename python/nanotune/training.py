@@ -8,6 +8,22 @@ step), so the accumulated gradient equals the gradient of one big batch with the
 same tokens, whatever the padding and however the tokens split across
 micro-batches (the unweighted mean of means would overweight short batches).
 A target token is a label != -100 after the one-position shift.
+
+Note [non-finite steps]: train_step checks the loss and the global gradient norm
+after backward and before the optimizer step (one device sync). If either is not
+finite the step is not applied: optimizer.step() is not called, the gradients are
+zeroed, and the optimizer comes back exactly as it was before the call (its
+per-tensor state dicts and group options are restored from a shallow snapshot,
+which covers the lr set for the step, a mask refresh that sparse-gradient mode
+ran during backward and the `pending` bookkeeping); the weights are untouched
+since nothing wrote them. It then raises NonFiniteError (code NON_FINITE, data
+{step, loss, gradNorm} as floats: msgpack carries NaN and +-inf, and the TS
+client's msgpackr decodes them as NaN/Infinity). In sparse-gradient mode, where
+no dense gradient exists, gradNorm is the norm of the gradient entries that were
+kept (each mask's entries and the dense tensors'). Only non-finite values are
+caught: an lr so large that the update itself is finite but ruinous (1e10) shows
+up as a non-finite loss on a later step, which this refuses; the run recovers by
+loading an earlier checkpoint.
 """
 
 from __future__ import annotations
@@ -16,15 +32,30 @@ import inspect
 import math
 import re
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .errors import InvalidParams
+from .errors import ErrorCode, InvalidParams, NanotuneError
 
-__all__ = ["OptimizerError", "create_optimizer", "evaluate", "generate", "train_step"]
+__all__ = ["NonFiniteError", "OptimizerError", "create_optimizer", "evaluate", "generate", "train_step"]
+
+
+class NonFiniteError(NanotuneError):
+    """A step whose loss or gradient norm is not finite; it was not applied (Note
+    [non-finite steps]). data: {step, loss, gradNorm} (floats; gradNorm None when
+    there were no gradients)."""
+
+    code = ErrorCode.NON_FINITE
+
+    def __init__(self, step: int | None, loss: float, grad_norm: float | None):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        at = "" if step is None else f"step {step}: "
+        super().__init__(None, f"{at}the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; the step "
+                               "was not applied (weights, optimizer state and step are unchanged)",
+                         {"step": step, "loss": loss, "gradNorm": grad_norm})
 
 
 class OptimizerError(InvalidParams):
@@ -96,11 +127,54 @@ def _sync(model: torch.nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
+class _OptimizerSnapshot:
+    """What a refused step must put back: each tensor's state dict (shallow: the step
+    replaces the tensors it changes before step(), it never writes them in place) and
+    each group's options. Costs a few dict copies, no tensor memory."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.state = {p: dict(s) for p, s in optimizer.state.items()}
+        self.groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    def restore(self) -> None:
+        opt = self.optimizer
+        for p in list(opt.state):
+            if p not in self.state:
+                del opt.state[p]
+        for p, saved in self.state.items():
+            st = opt.state[p]
+            st.clear()
+            st.update(saved)
+        for g, saved in zip(opt.param_groups, self.groups):
+            for k in [k for k in g if k != "params" and k not in saved]:
+                del g[k]
+            g.update(saved)
+
+
+def _kept_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Sparse-gradient mode: the norm of the gradient entries that exist (gathered at
+    the masks, and the dense tensors' .grad)."""
+    parts = list(getattr(optimizer, "_sparse_grads", {}).values())
+    parts += [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not parts:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in parts]))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batches: Sequence[dict[str, torch.Tensor]], lr: float, grad_clip: float | None = None
-               ) -> dict[str, Any]:
+               batches: Sequence[dict[str, torch.Tensor]], lr: float, grad_clip: float | None = None,
+               pending: Callable[[], Any] | None = None, step: int | None = None) -> dict[str, Any]:
     """One optimizer step over gradient-accumulated micro-batches at learning rate `lr`
     (set on every param group). grad_clip: max global grad norm (None = no clipping).
+    pending: optimizer bookkeeping that belongs to this step only (the session's mask
+    decision), run just before optimizer.step() once the step is known to be finite;
+    in sparse-gradient mode before backward instead (the hooks gather at the new
+    masks), and undone with the rest if the step is refused.
+    step: the step's number, for NonFiniteError's data.
+
+    Raises NonFiniteError, leaving weights and optimizer state as they were, when the
+    loss or the gradient norm is not finite (Note [non-finite steps]).
 
     Returns {loss, grad_norm, tokens, input_tokens, time_s, lr, density, mask_refreshed}:
     loss is the token mean of Note [loss over accumulated micro-batches]; grad_norm the
@@ -118,37 +192,54 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if grad_clip is not None and sparse_grads:
         raise InvalidParams("grad_clip needs the full gradients, which NanoAdam(sparse_gradients=True) frees "
                             "during backward; turn one of them off", field="grad_clip")
-    _sync(model)
-    start = time.perf_counter()
-    model.train()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     tokens = sum(_targets(b) for b in batches)
     if tokens == 0:
         raise InvalidParams("train_step: the micro-batches have no target tokens (all labels are -100)")
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for batch in batches:
-        loss = _loss_sum(model, batch) / tokens
-        loss.backward()
-        loss_sum += loss.detach()
-    grad_norm = None
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grads and not sparse_grads:
-        # In fp32 even for bf16 gradients; clipping scales like clip_grad_norm_ does.
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
-        if grad_clip is not None:
+    _sync(model)
+    start = time.perf_counter()
+    model.train()
+    snapshot = _OptimizerSnapshot(optimizer)
+    try:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if pending is not None and sparse_grads:
+            pending()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum: Any = 0.0
+        for batch in batches:
+            loss = _loss_sum(model, batch) / tokens
+            loss.backward()
+            loss_sum += loss.detach()  # an fp32 tensor on the device from the first micro-batch on
+        grad_norm = None
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not sparse_grads:
+            # In fp32 even for bf16 gradients; clipping scales like clip_grad_norm_ does.
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+        checked = grad_norm if not sparse_grads else _kept_grad_norm(optimizer)
+        # One device sync: the step is applied only when both are finite (Note [non-finite steps]).
+        values = torch.stack([loss_sum.float(), checked.to(loss_sum.device)]) if checked is not None \
+            else loss_sum.float()[None]
+        loss_value, *rest = values.tolist()
+        norm_value = rest[0] if rest else None
+        if not math.isfinite(loss_value) or (norm_value is not None and not math.isfinite(norm_value)):
+            raise NonFiniteError(step, loss_value, norm_value)
+        if grad_norm is not None and grad_clip is not None:
             scale = torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, scale.to(grads[0].device))
+        if pending is not None and not sparse_grads:
+            pending()
+    except BaseException:
+        optimizer.zero_grad(set_to_none=True)
+        snapshot.restore()
+        raise
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     density = getattr(optimizer, "current_density", 1.0)  # NanoAdam: None while no tensor is sparse
-    loss_value = float(loss_sum)  # one device sync for the whole step
     _sync(model)
     return {
         "loss": loss_value,
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "grad_norm": None if grad_norm is None else norm_value,
         "tokens": tokens,
         "input_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
         "time_s": time.perf_counter() - start,

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from nanotune.checkpoint import CheckpointError
 from nanotune.session import Session, SessionError
 from nanotune import wire
 from nanotune.wire import MaskDecision, PolicyState
@@ -124,3 +125,34 @@ def test_keyword_arguments_are_checked_against_the_schema(session):
         session.create_optimizer(name="adamw", density=0.1)
     with pytest.raises(TypeError, match="pass a TrainStepParams"):
         session.train_step(wire.EvaluateParams())
+
+
+def test_the_checkpoint_keeps_the_optimizer_config_without_the_generation(session, tmp_path):
+    out = session.create_optimizer(wire.CreateOptimizerParams(name="nanoadam", density=0.2,
+                                                              generation=session.generation))
+    assert out.generation == session.generation and type(session.optimizer_params) is wire.OptimizerConfig
+    session.train_step(lr=1e-2, micro_batch=2, mask={"criterion": "small_weights", "density": 0.2})
+    session.save_checkpoint(path=str(tmp_path / "c"))
+    saved = json.loads((tmp_path / "c" / "trainer_state.json").read_text())["extra"]["optimizer"]
+    assert saved == {"name": "nanoadam", "density": 0.2}
+    config = session.load_checkpoint(path=str(tmp_path / "c")).extra.optimizer
+    again = Session(device="cpu")
+    again.load_model(path="tiny-llama")
+    assert again.create_optimizer(config).generation == 2  # a checkpoint's config builds the same optimizer
+    assert again.optimizer_params == config
+
+
+def test_a_checkpoint_of_other_data_of_the_same_size_does_not_load(session, tmp_path, write_jsonl):
+    session.train_step(lr=1e-2, micro_batch=2, mask={"criterion": "small_weights", "density": 0.1})
+    session.save_checkpoint(path=str(tmp_path / "c"))
+    other = Session(device="cpu")
+    other.load_model(path="tiny-llama")
+    rows = [{**r, "output": r["output"] + "!"} for r in ROWS]  # as many examples, other tokens
+    other.load_dataset(path=str(write_jsonl(rows, "other.jsonl")), eval_fraction=0.1, seed=3)
+    other.create_optimizer(name="nanoadam", lr=1e-3, density=0.1)
+    weights = {n: p.clone() for n, p in other.loaded.model.named_parameters()}
+    with pytest.raises(CheckpointError, match="tokenized examples differ") as e:
+        other.load_checkpoint(path=str(tmp_path / "c"))
+    assert e.value.code == "INVALID_PARAMS" and e.value.data["key"] == "data_state.fingerprint"
+    assert all(torch.equal(p, weights[n]) for n, p in other.loaded.model.named_parameters())
+    assert other.step == 0 and other.batches is None and not any(other.optimizer.state.values())

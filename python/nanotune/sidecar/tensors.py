@@ -50,6 +50,16 @@ def tensor_from_frame(ref: TensorRef, frames: list[Any], where: str) -> torch.Te
             f"{where}.shape: {ref.dtype} {list(ref.shape)} needs {want} bytes but frame {ref.frame} has {buf.nbytes}",
             {"field": f"{field}.shape"},
         )
+    # The sizes match. The schema makes every dim >= 0; torch also needs the dims and
+    # their product (a zero dim counted as 1: the strides) to fit int64, which the
+    # frame's size does not bound when a dim is 0 ([0, 2**63] describes 0 bytes).
+    if math.prod(max(d, 1) for d in ref.shape) >= 2**63:
+        raise NanotuneError(
+            ErrorCode.INVALID_PARAMS,
+            f"{where}.shape: {list(ref.shape)} is too large for a tensor (the product of its dims must stay "
+            "below 2**63)",
+            {"field": f"{field}.shape"},
+        )
     if want == 0:
         return torch.empty(ref.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).view(ref.shape)
