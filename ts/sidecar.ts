@@ -8,17 +8,21 @@
 // Parent death: the sidecar asks Linux for SIGTERM when the thread that spawned it
 // exits (PR_SET_PDEATHSIG) and also polls our pid. Start it from the main thread: a
 // Sidecar started in a worker_thread dies with that thread.
-import { mkdtempSync, rmSync } from "node:fs";
+// Reliability (docs/protocol.md): tcp is always CURVE with keys made here per start and
+// handed over on stdin; a heartbeat (`status` every heartbeatMs while a call is
+// pending) turns a stopped or stuck sidecar into SIDECAR_UNRESPONSIVE and a lost reply
+// into INTERNAL; call() never throws synchronously and never hangs.
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execa } from "execa";
-import { Dealer } from "zeromq";
+import { Context, Dealer, curveKeyPair } from "zeromq";
 import type { z } from "zod";
 import { PROTOCOL_VERSION, events as eventSchemas, methods, type EventName, type MethodName, type TensorRef } from "../protocol/schema.ts";
-import { SidecarError, wireCode, type ErrorCode } from "./errors.ts";
+import { NanotuneError, SidecarError, wireCode, type ErrorCode } from "./errors.ts";
 import { findPython, noPythonMessage, packageRoot, pythonPathWith } from "./paths.ts";
 import { Tensor } from "./tensor.ts";
-import { bigIntegers, decode, encode, refsToTensors, tensorsToRefs } from "./wire.ts";
+import { MAX_PARAMS_DEPTH, bigIntegers, decode, encode, refsToTensors, tensorsToRefs, tooDeep } from "./wire.ts";
 
 /** @deprecated use packageRoot (ts/paths.ts): the directory of nanotune's package.json. */
 export const repoRoot = packageRoot;
@@ -59,7 +63,13 @@ export interface SidecarOptions {
   startTimeoutMs?: number;
   /** Extra environment for the process (merged over process.env; undefined removes a variable). */
   env?: Record<string, string | undefined>;
-  /** "ipc" (default; a socket in a private temp dir) or "tcp" (127.0.0.1, random port). ipc falls back to tcp by itself where it cannot bind. */
+  /**
+   * "ipc" (default): a socket in a private (0700) temp dir. "tcp": 127.0.0.1 on a
+   * random port, always with ZeroMQ CURVE: keys made per start, handed to the process
+   * on stdin (never argv), and the sidecar lets in only our client's key. Where ipc
+   * cannot bind, the sidecar falls back to tcp with CURVE and logs a warning.
+   * `info.transport` and `info.security` say what was used.
+   */
   transport?: "ipc" | "tcp";
   /** Default timeout of call(); Infinity (the default) waits as long as the process lives, so a long GPU step is never cut off. */
   callTimeoutMs?: number;
@@ -67,6 +77,23 @@ export interface SidecarOptions {
   onStderr?: (line: string) => void;
   /** The protocol version we claim in hello; only for testing version skew. Default PROTOCOL_VERSION. */
   protocolVersion?: number;
+  /**
+   * Heartbeat period, ms. While any call is pending the client asks the sidecar's I/O
+   * thread for `status` this often; the I/O thread answers at once even during a long
+   * compute step, so a slow step never trips it. When `heartbeatMisses` heartbeats in a
+   * row go unanswered (nothing at all heard from the sidecar for about heartbeatMs x
+   * heartbeatMisses: 6 s by default), every pending call rejects with
+   * SIDECAR_UNRESPONSIVE (data.stacks: the sidecar's thread dump when it could give
+   * one), the process is killed and later calls reject with the same error. The same
+   * `status` also finds lost replies: a compute call that the sidecar says it is not
+   * running, with no reply for it heartbeatMs later, rejects with INTERNAL ("lost
+   * reply"). A heartbeat that fires late because our own event loop was blocked does
+   * not count as a miss. It runs once start() is done (startTimeoutMs bounds the start).
+   * Default 2000; Infinity turns the heartbeat off.
+   */
+  heartbeatMs?: number;
+  /** Heartbeats in a row without any answer before the sidecar counts as unresponsive (see heartbeatMs). Default 3. */
+  heartbeatMisses?: number;
 }
 
 export interface CallOptions {
@@ -79,9 +106,18 @@ export interface CallOptions {
 const STDERR_LINES = 40; // kept for SIDECAR_CRASHED
 const CLOSE_STEP_MS = 2000; // close(): how long each of shutdown, SIGTERM, SIGKILL may take
 const CANCEL_WAIT_MS = 3000; // how long an aborted/timed-out call waits for the sidecar to confirm (> its forced-cancel delay)
+const STACK_DUMP_MS = 300; // SIDECAR_UNRESPONSIVE: how long stderr is collected after SIGUSR1 (faulthandler's dump)
 
 interface Pending {
   method: string;
+  /** "compute" calls of the schema are checked against the heartbeat's `status` for lost replies */
+  thread: "io" | "compute";
+  /** the schema knows the method (and so its thread); an extension method's thread is a guess */
+  known: boolean;
+  /** a heartbeat probe of ours: not a user call (it neither keeps the heartbeat going nor is checked) */
+  internal?: boolean;
+  /** heartbeats in a row whose `status` said the sidecar is not running this (compute) call */
+  notRunning?: number;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
   /** set once aborted or timed out: the call rejects with this whatever the sidecar answers */
@@ -128,13 +164,17 @@ class EventStream implements AsyncIterableIterator<SidecarEvent> {
 }
 
 export class Sidecar {
-  /** What the sidecar said at hello: protocol, torch, device, CUDA memory, methods. */
+  /** The deepest params a call sends (msgpack levels; `{}` is 1); deeper or cyclic params reject with INVALID_PARAMS. */
+  static readonly maxParamsDepth = MAX_PARAMS_DEPTH;
+  /** What the sidecar said at hello: protocol, torch, device, CUDA memory, methods, transport and security. */
   info!: HelloInfo;
   /** The ZeroMQ endpoint the sidecar serves (ipc:// or tcp://). */
   readonly endpoint: string;
   readonly pid: number;
+  /** On tcp: the sidecar's CURVE public key for this start (not a secret; the client's keys stay private). null on ipc. */
+  readonly curveServerKey: string | null;
 
-  private readonly socket = new Dealer({ linger: 0 });
+  private readonly socket: Dealer;
   private readonly pending = new Map<number, Pending>();
   private readonly streams = new Set<EventStream>();
   private readonly stderrTail: string[] = [];
@@ -145,6 +185,19 @@ export class Sidecar {
   private dead: SidecarError | null = null; // set when the process is gone or we closed
   private closing: Promise<void> | null = null;
   private shuttingDown = false; // close() began: an exit now is not a crash
+  // heartbeat (SidecarOptions.heartbeatMs)
+  private readonly heartbeatMs: number;
+  private readonly heartbeatMisses: number;
+  private heartbeat: NodeJS.Timeout | null = null;
+  private lastTick = 0; // performance.now() of the last heartbeat
+  private lastHeard = 0; // performance.now() of the last message from the sidecar
+  private readonly beat: Dealer; // the liveness connection (Note [heartbeat])
+  private beatId = 1;
+  private beatSentAt: number | null = null; // performance.now() of the last beat
+  private beatSending = false;
+  private misses = 0; // heartbeats in a row after which nothing had been heard since the previous one
+  private failing = false; // declared unresponsive; collecting the stack dump
+  private started = false; // hello answered: the heartbeat runs from then on (startTimeoutMs covers the start)
 
   private constructor(
     private readonly child: SidecarProcess,
@@ -153,18 +206,33 @@ export class Sidecar {
     private readonly opts: SidecarOptions,
     stderrTail: string[],
     exited: Promise<void>,
+    private readonly stderrWatchers: Set<(line: string) => void>,
+    keys: CurveKeys,
   ) {
     this.endpoint = endpoint;
     this.pid = child.pid!;
     this.stderrTail = stderrTail;
     this.exited = exited;
+    this.heartbeatMs = opts.heartbeatMs ?? 2000;
+    this.heartbeatMisses = opts.heartbeatMisses ?? 3;
+    // tcp: we are a CURVE client with this start's keys (Note [transport security] in transport.py)
+    const tcp = endpoint.startsWith("tcp://");
+    const curve = tcp ? { curveServerKey: keys.server.publicKey, curvePublicKey: keys.client.publicKey, curveSecretKey: keys.client.secretKey } : {};
+    this.curveServerKey = tcp ? keys.server.publicKey : null;
+    this.socket = new Dealer({ linger: 0, ...curve });
     this.socket.connect(endpoint);
+    this.beat = new Dealer({ linger: 0, context: beatContext(), ...curve }); // connected after hello (Note [heartbeat])
     void this.receiveLoop();
+    void this.beatLoop();
   }
 
   /** Starts the sidecar process and completes the hello handshake (PROTOCOL_MISMATCH if versions differ). */
   static async start(options: SidecarOptions = {}): Promise<Sidecar> {
-    const opts = { device: "auto", startTimeoutMs: 120_000, transport: "ipc", callTimeoutMs: Infinity, ...options } satisfies SidecarOptions;
+    const opts = { device: "auto", startTimeoutMs: 120_000, transport: "ipc", callTimeoutMs: Infinity, heartbeatMs: 2000, heartbeatMisses: 3, ...options } satisfies SidecarOptions;
+    if (!(opts.heartbeatMs > 0)) throw new NanotuneError("INVALID_ARGUMENT", `Sidecar.start: heartbeatMs must be a positive number of ms (Infinity: off), got ${opts.heartbeatMs}`);
+    if (!Number.isInteger(opts.heartbeatMisses) || opts.heartbeatMisses < 1) {
+      throw new NanotuneError("INVALID_ARGUMENT", `Sidecar.start: heartbeatMisses must be an integer >= 1, got ${opts.heartbeatMisses}`);
+    }
     const merged: Record<string, string | undefined> = { ...process.env, ...opts.env };
     const found = findPython(opts.python, merged);
     if (!found) throw new SidecarError("START_FAILED", noPythonMessage(merged), { data: { reason: "no-python" } });
@@ -178,10 +246,20 @@ export class Sidecar {
     const deadline = Date.now() + opts.startTimeoutMs;
     const cleanupDir = () => tempDir && rmSync(tempDir, { recursive: true, force: true });
 
+    // CURVE keys for this start: always made and handed over, so that tcp (asked for,
+    // or the sidecar's fallback where ipc cannot bind) is never unauthenticated. They go
+    // on stdin: argv is visible to every local user (ps), and the environment is
+    // inherited by whatever the sidecar spawns.
+    const keys: CurveKeys = { server: curveKeyPair(), client: curveKeyPair() };
+    const keysLine = JSON.stringify({
+      curve: { serverPublicKey: keys.server.publicKey, serverSecretKey: keys.server.secretKey, clientPublicKey: keys.client.publicKey },
+    });
+
     // --parent-pid: the sidecar also asks Linux for SIGTERM when this thread dies
     // (PR_SET_PDEATHSIG); execa's cleanup kills it when Node exits normally.
-    const child = execa(python, ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid)], {
-      stdin: "ignore",
+    const args = ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid), "--keys-from-stdin"];
+    const child = execa(python, args, {
+      stdin: "pipe",
       stdout: "pipe",
       stderr: "pipe",
       env,
@@ -194,12 +272,16 @@ export class Sidecar {
     // With reject: false the promise resolves once the process is gone; a spawn
     // failure (ENOENT, EACCES) resolves it with neither exit code nor signal.
     const spawnError = child.then((r) => (r.exitCode === undefined && r.signal === undefined ? r : null));
+    child.stdin?.on("error", () => undefined); // EPIPE when it died at once: reported as START_FAILED below
+    child.stdin?.end(`${keysLine}\n`);
     const stderrTail: string[] = [];
+    const stderrWatchers = new Set<(line: string) => void>();
     const onStderr = opts.onStderr ?? ((line: string) => process.stderr.write(`${line}\n`));
     lines(child.stderr!, (line) => {
       stderrTail.push(line);
       if (stderrTail.length > STDERR_LINES) stderrTail.shift();
       onStderr(line);
+      for (const w of stderrWatchers) w(line);
     });
     const stderrEnded = new Promise<void>((r) => child.stderr!.once("close", () => r()));
     let exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null = null;
@@ -252,10 +334,22 @@ export class Sidecar {
       throw e;
     }
 
-    const sc = new Sidecar(child, ready, tempDir, opts, stderrTail, exited);
+    const sc = new Sidecar(child, ready, tempDir, opts, stderrTail, exited, stderrWatchers, keys);
     void exited.then(() => sc.onExit(exitInfo));
     try {
       sc.info = await sc.hello({ timeoutMs: Math.max(1, deadline - Date.now()) });
+      // The heartbeat starts now: during the warm-up the compute thread imports torch, whose
+      // extension loading (dlopen, seconds on a cold disk) holds the GIL, so the I/O thread
+      // cannot answer; startTimeoutMs bounds the start instead.
+      sc.started = true;
+      sc.beat.connect(sc.endpoint);
+      const expected = ready.startsWith("tcp://") ? { transport: "tcp", security: "curve" } : { transport: "ipc", security: "ipc-private-dir" };
+      if (sc.info.transport !== expected.transport || sc.info.security !== expected.security) {
+        throw new SidecarError(
+          "START_FAILED",
+          `the sidecar serves ${ready} but says transport ${sc.info.transport}, security ${sc.info.security} (expected ${expected.transport}, ${expected.security})`,
+        );
+      }
     } catch (e) {
       await sc.close();
       if (e instanceof SidecarError && e.code === "TIMEOUT") {
@@ -287,51 +381,104 @@ export class Sidecar {
   /**
    * Untyped call(): `method` may be a name the TS schema does not know (it is then
    * sent unchecked and the sidecar validates it). For tests and experiments.
+   * Never throws: whatever is wrong (params too deep, cyclic or not encodable, a dead
+   * sidecar) comes back as a rejected promise.
    */
   request(method: string, params: unknown, options: CallOptions = {}): Promise<unknown> {
+    try {
+      return this.startCall(method, params, options ?? {});
+    } catch (e) {
+      // not reached by design: startCall reports every problem as a rejection
+      const err = e instanceof NanotuneError ? e : new SidecarError("INTERNAL", `${String(method)}: ${e}`, { method: String(method), cause: e });
+      return Promise.reject(err);
+    }
+  }
+
+  private startCall(method: string, params: unknown, options: CallOptions): Promise<unknown> {
     if (this.dead) return Promise.reject(this.dead);
+    if (typeof method !== "string") {
+      return Promise.reject(new SidecarError("INVALID_ARGUMENT", `request: the method must be a string, got ${typeof method}`));
+    }
     const { signal } = options;
     if (signal?.aborted) {
       return Promise.reject(new SidecarError("CANCELLED", `${method}: aborted before it was sent`, { method, cause: signal.reason }));
     }
-    const frames: Uint8Array[] = [];
-    const wireParams = tensorsToRefs(params ?? {}, frames);
-    const schema = (methods as Record<string, { params: z.ZodType; result: z.ZodType }>)[method];
-    if (schema) {
-      const parsed = schema.params.safeParse(wireParams);
-      if (!parsed.success) return Promise.reject(invalidParams(method, parsed.error));
-    }
     const id = this.nextId++;
-    const v = method === "hello" ? (this.opts.protocolVersion ?? PROTOCOL_VERSION) : PROTOCOL_VERSION;
-    const envelope = encode({ v, id, method, params: bigIntegers(wireParams) });
+    let parts: Uint8Array[];
+    try {
+      parts = this.prepare(id, method, params);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return new Promise((resolve, reject) => {
-      const p: Pending = { method, resolve, reject, timers: [] };
+      const thread = this.methodThread(method);
+      const p: Pending = { method, thread, known: method in methods, resolve, reject, timers: [] };
       this.pending.set(id, p);
       const giveUp = (err: SidecarError) => {
         if (p.failWith) return;
         p.failWith = err;
-        if (this.methodThread(method) === "compute") {
+        if (thread === "compute") {
           this.request("cancel", { id }).catch(() => undefined);
           // settle when the sidecar confirms (so the next call finds it idle), or after CANCEL_WAIT_MS
           p.timers.push(setTimeout(() => this.settle(id, err), CANCEL_WAIT_MS));
         } else this.settle(id, err);
       };
-      const timeoutMs = options.timeoutMs ?? this.opts.callTimeoutMs ?? Infinity;
-      if (Number.isFinite(timeoutMs)) {
-        p.timers.push(
-          setTimeout(
-            () => giveUp(new SidecarError("TIMEOUT", `${method} (id ${id}) did not answer within ${timeoutMs} ms; cancelled it`, { method })),
-            timeoutMs,
-          ),
-        );
+      try {
+        const timeoutMs = options.timeoutMs ?? this.opts.callTimeoutMs ?? Infinity;
+        if (Number.isFinite(timeoutMs)) {
+          p.timers.push(
+            setTimeout(
+              () => giveUp(new SidecarError("TIMEOUT", `${method} (id ${id}) did not answer within ${timeoutMs} ms; cancelled it`, { method })),
+              timeoutMs,
+            ),
+          );
+        }
+        if (signal) {
+          const onAbort = () => giveUp(new SidecarError("CANCELLED", `${method} (id ${id}) was aborted`, { method, cause: signal.reason }));
+          signal.addEventListener("abort", onAbort, { once: true });
+          p.unlisten = () => signal.removeEventListener("abort", onAbort);
+        }
+      } catch (e) {
+        return this.settle(id, new SidecarError("INVALID_ARGUMENT", `${method}: bad call options: ${e}`, { method, cause: e }));
       }
-      if (signal) {
-        const onAbort = () => giveUp(new SidecarError("CANCELLED", `${method} (id ${id}) was aborted`, { method, cause: signal.reason }));
-        signal.addEventListener("abort", onAbort, { once: true });
-        p.unlisten = () => signal.removeEventListener("abort", onAbort);
-      }
-      this.send([envelope, ...frames]).catch((e) => this.settle(id, this.dead ?? new SidecarError("INTERNAL", `${method}: send failed: ${e}`, { method, cause: e })));
+      this.armHeartbeat();
+      this.send(parts).catch((e) => this.settle(id, this.dead ?? new SidecarError("INTERNAL", `${method}: send failed: ${e}`, { method, cause: e })));
     });
+  }
+
+  /** [envelope, ...frames] of a call, or a thrown INVALID_PARAMS NanotuneError saying why it cannot be sent. */
+  private prepare(id: number, method: string, params: unknown): Uint8Array[] {
+    const value = params ?? {};
+    const bad = (why: string, field: string, data: Record<string, unknown> = {}, cause?: unknown) =>
+      new SidecarError("INVALID_PARAMS", `${method}: ${why}`, { method, data: { field, ...data }, cause });
+    let deep: string[] | null;
+    try {
+      deep = tooDeep(value, MAX_PARAMS_DEPTH);
+    } catch (e) {
+      throw bad(`params cannot be read: ${e}`, "params", {}, e);
+    }
+    if (deep) {
+      const field = ["params", ...deep.slice(0, 8), ...(deep.length > 8 ? ["..."] : [])].join(".");
+      throw bad(`params nest deeper than ${MAX_PARAMS_DEPTH} levels (MAX_PARAMS_DEPTH; or they are cyclic) at ${field}`, field, { maxDepth: MAX_PARAMS_DEPTH });
+    }
+    const frames: Uint8Array[] = [];
+    let wireParams: unknown;
+    try {
+      wireParams = tensorsToRefs(value, frames);
+    } catch (e) {
+      throw bad(`params cannot be sent: ${e}`, "params", {}, e);
+    }
+    const schema = (methods as Record<string, { params: z.ZodType; result: z.ZodType }>)[method];
+    if (schema) {
+      const parsed = schema.params.safeParse(wireParams);
+      if (!parsed.success) throw invalidParams(method, parsed.error);
+    }
+    const v = method === "hello" ? (this.opts.protocolVersion ?? PROTOCOL_VERSION) : PROTOCOL_VERSION;
+    try {
+      return [encode({ v, id, method, params: bigIntegers(wireParams) }), ...frames];
+    } catch (e) {
+      throw bad(`params cannot be encoded as msgpack: ${e instanceof Error ? e.message : e}`, "params", {}, e);
+    }
   }
 
   /** Unsolicited events `{event, data}` from now on; the iterator ends when the sidecar closes or dies. */
@@ -352,6 +499,7 @@ export class Sidecar {
     const alive = () => this.child.exitCode === null && this.child.signalCode === null;
     const waitExit = (ms: number) => Promise.race([this.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), ms).unref())]);
     this.shuttingDown = true;
+    this.disarmHeartbeat();
     if (alive() && !this.dead) {
       await this.request("shutdown", {}, { timeoutMs: CLOSE_STEP_MS }).catch(() => undefined);
     }
@@ -363,7 +511,7 @@ export class Sidecar {
         await waitExit(CLOSE_STEP_MS);
       }
     }
-    this.socket.close();
+    this.closeSockets();
     if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
   }
 
@@ -371,6 +519,180 @@ export class Sidecar {
 
   private methodThread(method: string): "io" | "compute" {
     return (methods as Record<string, { thread: "io" | "compute" }>)[method]?.thread ?? "compute";
+  }
+
+  // ---- heartbeat: Note [heartbeat] ---------------------------------------------
+  //
+  // While a user call is pending, every heartbeatMs:
+  // - Liveness. We send `status` on a second DEALER of our own (`beat`), a connection
+  //   of its own to the same ROUTER: an io method, which the sidecar's I/O thread
+  //   answers at once whatever the compute thread does; and on its own connection,
+  //   with its own ZeroMQ I/O thread on both ends, it does not wait behind a big tensor
+  //   in flight on the main one (CURVE encrypts and decrypts a whole message at once on
+  //   an I/O thread: 128 MB takes ~1 s over tcp). Here `beatContext` has its own I/O
+  //   thread; the sidecar's ROUTER context has two, and libzmq gives a new connection to
+  //   the less loaded one: the listener sits on the first, the main connection takes the
+  //   second, and the beat connection, made once hello has answered (so the main one is
+  //   in place; made at the same time, both could land on the same thread), takes the
+  //   first again. A heartbeat after which nothing at all was heard
+  //   from the sidecar (on either socket: only its I/O thread sends) since the previous
+  //   beat went out is a miss; heartbeatMisses misses in a row make it unresponsive
+  //   (`unresponsive()`). A heartbeat that fires more than a period late means our own
+  //   event loop was blocked (the answers may wait unread in the socket): no miss.
+  // - Lost replies (compute methods of the schema; an extension method called with
+  //   request() may be an io one, which `status` never shows). A `status` probe on the
+  //   main socket: the sidecar forwards a compute call's reply before it forgets the
+  //   call, and answers one connection's requests in the order they came, so a compute
+  //   call sent before the probe that the probe's `status` says is not running has had
+  //   its reply sent. If it has none when the next probe (heartbeatMs later) says so
+  //   again, it was lost: INTERNAL "lost reply", naming the method and id.
+
+  private userCallsPending(): boolean {
+    for (const p of this.pending.values()) if (!p.internal) return true;
+    return false;
+  }
+
+  private armHeartbeat() {
+    if (this.heartbeat || !this.started || this.dead || this.shuttingDown || !Number.isFinite(this.heartbeatMs)) return;
+    this.lastTick = this.lastHeard = performance.now();
+    this.misses = 0;
+    this.beatSentAt = null;
+    this.heartbeat = setInterval(() => this.tick(), this.heartbeatMs);
+    this.heartbeat.unref();
+  }
+
+  private disarmHeartbeat() {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
+    this.beatSentAt = null;
+  }
+
+  private tick() {
+    if (this.dead || this.failing || this.shuttingDown || !this.userCallsPending()) return this.disarmHeartbeat();
+    const now = performance.now();
+    const late = now - this.lastTick > 2 * this.heartbeatMs; // our event loop stalled: the answer may be unread
+    this.lastTick = now;
+    if (this.beatSentAt !== null && this.lastHeard < this.beatSentAt) {
+      if (!late) this.misses++;
+    } else this.misses = 0;
+    if (this.misses >= this.heartbeatMisses) {
+      void this.unresponsive(now - this.lastHeard);
+      return;
+    }
+    this.sendBeat();
+    for (const p of this.pending.values()) {
+      if (!p.internal && p.thread === "compute" && p.known && !p.failWith) {
+        this.sendProbe();
+        break;
+      }
+    }
+  }
+
+  /** A liveness `status` on the beat socket (its replies only tell us the I/O thread lives). */
+  private sendBeat() {
+    this.beatSentAt = performance.now();
+    if (this.beatSending) return; // the last one is still being queued (it counts as this one)
+    this.beatSending = true;
+    const parts = [encode({ v: PROTOCOL_VERSION, id: this.beatId++, method: "status", params: {} })];
+    this.beat.send(parts).then(
+      () => (this.beatSending = false),
+      () => (this.beatSending = false),
+    );
+  }
+
+  private async beatLoop() {
+    try {
+      for await (const _ of this.beat) this.lastHeard = performance.now();
+    } catch {
+      /* closed */
+    }
+  }
+
+  /** A lost-reply probe: `status` on the main socket, behind every call sent before it. */
+  private sendProbe() {
+    const id = this.nextId++;
+    const p: Pending = {
+      method: "status",
+      thread: "io",
+      known: true,
+      internal: true,
+      resolve: (r) => this.onProbe(id, r as Result<"status">),
+      reject: () => undefined,
+      timers: [],
+    };
+    this.pending.set(id, p);
+    const parts = [encode({ v: PROTOCOL_VERSION, id, method: "status", params: {} })];
+    this.send(parts).catch(() => this.settle(id, new SidecarError("INTERNAL", "heartbeat: send failed")));
+  }
+
+  private onProbe(probeId: number, status: Result<"status">) {
+    for (const [id, p] of this.pending) {
+      if (id >= probeId || p.internal || p.thread !== "compute" || !p.known || p.failWith) continue;
+      if (status.busy?.id === id) {
+        p.notRunning = 0;
+        continue;
+      }
+      p.notRunning = (p.notRunning ?? 0) + 1;
+      if (p.notRunning >= 2) {
+        this.settle(
+          id,
+          new SidecarError(
+            "INTERNAL",
+            `${p.method} (id ${id}): lost reply: the sidecar is not running it (status: ${status.busy ? `busy with ${status.busy.method} id ${status.busy.id}` : "idle"}) and no reply came for it`,
+            { method: p.method, data: { id, busy: status.busy } },
+          ),
+        );
+      }
+    }
+  }
+
+  /** Closes both sockets (idempotent). */
+  private closeSockets() {
+    this.socket.close();
+    this.beat.close();
+  }
+
+  /** No answer to heartbeatMisses heartbeats: dump its stacks if it can, reject everything, kill it. */
+  private async unresponsive(silentMs: number) {
+    if (this.dead || this.failing) return;
+    this.failing = true;
+    this.disarmHeartbeat();
+    const state = procState(this.pid);
+    const stopped = state === "T" || state === "t";
+    let stacks: string | null = null;
+    if (!stopped) {
+      // faulthandler (registered on SIGUSR1 in runtime.main) writes every thread's stack to stderr
+      // from the signal handler itself: it needs no GIL, so it works while Python is stuck in C code.
+      const lines: string[] = [];
+      const watch = (line: string) => lines.push(line);
+      this.stderrWatchers.add(watch);
+      try {
+        process.kill(this.pid, "SIGUSR1");
+        await new Promise((r) => setTimeout(r, STACK_DUMP_MS));
+      } catch {
+        /* already gone: the exit reports it */
+      }
+      this.stderrWatchers.delete(watch);
+      stacks = lines.length ? lines.join("\n") : null;
+    }
+    const calls = [...this.pending].filter(([, p]) => !p.internal).map(([id, p]) => `${p.method} (id ${id})`);
+    const why = stopped
+      ? `it looks stopped (state ${state} in /proc/${this.pid}/stat: SIGSTOP, Ctrl-Z or a debugger), so it gave no thread dump`
+      : stacks
+        ? "its threads' stacks are in data.stacks"
+        : `it gave no thread dump within ${STACK_DUMP_MS} ms of SIGUSR1`;
+    this.kill(
+      new SidecarError(
+        "SIDECAR_UNRESPONSIVE",
+        `sidecar (pid ${this.pid}) answered no heartbeat for ${Math.round(silentMs)} ms (heartbeatMs ${this.heartbeatMs} x heartbeatMisses ${this.heartbeatMisses})` +
+          (calls.length ? ` while ${calls.join(", ")} ${calls.length > 1 ? "were" : "was"} pending` : "") +
+          `; ${why}; killed it`,
+        { data: { pid: this.pid, stacks, stopped, state, silentMs: Math.round(silentMs) } },
+      ),
+    );
+    this.child.kill("SIGKILL"); // a stopped process dies of SIGKILL too
+    this.closeSockets();
+    if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
   }
 
   /** zeromq.js allows one send in flight per socket; this keeps the rest in order. */
@@ -404,6 +726,7 @@ export class Sidecar {
   private async receiveLoop() {
     try {
       for await (const [envelope, ...frames] of this.socket) {
+        this.lastHeard = performance.now();
         this.onMessage(envelope!, frames);
       }
     } catch (e) {
@@ -479,6 +802,7 @@ export class Sidecar {
   private kill(err: SidecarError) {
     if (this.dead) return;
     this.dead = err;
+    this.disarmHeartbeat();
     for (const id of [...this.pending.keys()]) this.settle(id, err);
     for (const s of this.streams) s.end();
     this.streams.clear();
@@ -498,8 +822,31 @@ export class Sidecar {
         { data: { pid: this.pid, signal: exitInfo?.signal ?? null, exitCode: exitInfo?.code ?? null, stderr } },
       ),
     );
-    this.socket.close();
+    this.closeSockets();
     if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * The beat sockets' ZeroMQ context: its own I/O thread, so that a heartbeat is not
+ * queued behind the main socket's bulk data (CURVE encrypts and decrypts a whole
+ * message at a time on the I/O thread: 64 MB takes ~0.3 s). Note [heartbeat].
+ */
+let beats: Context | undefined;
+const beatContext = () => (beats ??= new Context({ blocky: false }));
+
+interface CurveKeys {
+  server: { publicKey: string; secretKey: string };
+  client: { publicKey: string; secretKey: string };
+}
+
+/** The state letter of /proc/<pid>/stat ("R", "S", "T" stopped, "t" traced, "Z"...); null without procfs. */
+function procState(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0] ?? null;
+  } catch {
+    return null;
   }
 }
 

@@ -59,10 +59,11 @@ export function refsToTensors(value: unknown, frames: readonly Uint8Array[]): un
 /**
  * msgpackr writes integers outside int32/uint32 as float64, which the sidecar's
  * int fields reject; so those go as BigInt (int64 on the wire). Note [integers].
+ * An integral number beyond what msgpack integers hold (uint64, int64) stays a float64.
  */
 export function bigIntegers(value: unknown): unknown {
   if (typeof value === "number") {
-    return Number.isInteger(value) && (value > 0xffffffff || value < -0x80000000) ? BigInt(value) : value;
+    return Number.isInteger(value) && (value > 0xffffffff || value < -0x80000000) && value < 2 ** 64 && value >= -(2 ** 63) ? BigInt(value) : value;
   }
   if (Array.isArray(value)) return value.map(bigIntegers);
   if (isPlainObject(value)) {
@@ -71,4 +72,66 @@ export function bigIntegers(value: unknown): unknown {
     return out;
   }
   return value;
+}
+
+/**
+ * The deepest params the client sends: `{}` is 1 level, `{a: [1]}` 2, a Tensor 2
+ * (its TensorRef map and shape array). The sidecar decodes what msgspec decodes, up
+ * to Python's recursion limit (about 1000 levels with the envelope); the client
+ * stays far below it and rejects deeper params (cycles too) with INVALID_PARAMS
+ * before sending. See docs/protocol.md "No hanging call".
+ */
+export const MAX_PARAMS_DEPTH = 100;
+
+/**
+ * Where `value` nests deeper than `limit` msgpack levels (as the client would encode
+ * it: arrays, maps, plain objects, class instances, Map and Set nest; typed arrays,
+ * Dates and scalars are leaves), as a path like ["value", "0", "0", ...]; null when it
+ * does not. The walk recurses at most `limit` deep (never overflows the stack) and a
+ * cycle is reported as too deep; after 1000 nodes it remembers the depth each object
+ * was seen at, so an object shared many times is not walked again and again.
+ */
+export function tooDeep(value: unknown, limit: number = MAX_PARAMS_DEPTH): string[] | null {
+  if (!isNode(value)) return null;
+  return walkDepth(value, 1, { limit, visits: 0, seen: null })?.reverse() ?? null;
+}
+
+interface DepthWalk {
+  limit: number;
+  visits: number;
+  seen: Map<object, number> | null;
+}
+
+// Module-level functions, no closures: this runs on every call (ping included).
+function walkDepth(v: object, depth: number, w: DepthWalk): string[] | null {
+  if (v instanceof Tensor) return depth + 1 > w.limit ? [] : null; // its ref map, then its shape array
+  if (depth > w.limit) return [];
+  if (++w.visits > 1000) {
+    w.seen ??= new Map();
+    if ((w.seen.get(v) ?? 0) >= depth) return null;
+    w.seen.set(v, depth);
+  }
+  let r: string[] | null = null;
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length && !r; i++) if (isNode(v[i])) r = depthOf(String(i), v[i], depth, w);
+  } else if (v instanceof Map) {
+    for (const [k, x] of v) if ((r = depthOf(String(k), k, depth, w) ?? depthOf(String(k), x, depth, w))) break;
+  } else if (v instanceof Set) {
+    for (const x of v) if ((r = depthOf("*", x, depth, w))) break;
+  } else {
+    for (const k in v) if (Object.hasOwn(v, k) && (r = depthOf(k, (v as Record<string, unknown>)[k], depth, w))) break;
+  }
+  return r;
+}
+
+function depthOf(key: string, x: unknown, depth: number, w: DepthWalk): string[] | null {
+  if (!isNode(x)) return null;
+  const r = walkDepth(x, depth + 1, w);
+  if (r) r.push(key);
+  return r;
+}
+
+/** Whether msgpack nests into `v` (a container; typed arrays, buffers and Dates are leaves). */
+function isNode(v: unknown): v is object {
+  return typeof v === "object" && v !== null && !ArrayBuffer.isView(v) && !(v instanceof ArrayBuffer) && !(v instanceof Date);
 }

@@ -1,5 +1,8 @@
 """The sidecar process over a raw pyzmq DEALER: handshake, control calls during a
-compute call, cancellation, validation errors that name the field, tensors, exits."""
+compute call, cancellation, validation errors that name the field, malformed
+requests (each answered, with its id whenever it can be read), tcp with CURVE only
+for our client's key, tensors, exits. Nothing here sleeps a fixed time to let
+something happen: tests wait for the state they need, with generous deadlines."""
 import json
 import os
 import pathlib
@@ -33,21 +36,38 @@ def alive(pid):
         return True
 
 
-def start(tmp_path, *extra):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nanotune.sidecar", "--endpoint", f"ipc://{tmp_path}/s.sock", "--device", "cpu", *extra],
-        stdout=subprocess.PIPE, env=env(),
-    )
-    ready = json.loads(proc.stdout.readline())
+def start(tmp_path, *extra, endpoint=None, keys=None, stderr=None):
+    """A sidecar on ipc in tmp_path (or `endpoint`); `keys`: the CURVE keys line is
+    written on its stdin (--keys-from-stdin)."""
+    cmd = [sys.executable, "-m", "nanotune.sidecar", "--endpoint", endpoint or f"ipc://{tmp_path}/s.sock", "--device", "cpu", *extra]
+    if keys is not None:
+        cmd.append("--keys-from-stdin")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE if keys else None, stderr=stderr, env=env())
+    if keys is not None:
+        proc.stdin.write(json.dumps({"curve": {"serverPublicKey": keys["server"][0].decode(), "serverSecretKey": keys["server"][1].decode(),
+                                               "clientPublicKey": keys["client"][0].decode()}}).encode() + b"\n")
+        proc.stdin.close()
+    line = proc.stdout.readline()
+    if not line:
+        return proc, None
+    ready = json.loads(line)
     assert ready["pid"] == proc.pid
     return proc, ready["ready"]
 
 
+def curve_keys():
+    return {"server": zmq.curve_keypair(), "client": zmq.curve_keypair()}
+
+
 class Client:
-    def __init__(self, endpoint):
+    def __init__(self, endpoint, server_key=None, client_keys=None, timeout_ms=30_000):
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, 30_000)
+        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        self.sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # a peer whose handshake failed has no pipe to send on
+        if server_key is not None:
+            self.sock.curve_serverkey = server_key
+            self.sock.curve_publickey, self.sock.curve_secretkey = client_keys or zmq.curve_keypair()
         self.sock.connect(endpoint)
         self.next_id = 0
         self.events = []
@@ -86,6 +106,7 @@ def test_hello_reports_the_runtime_and_rejects_another_version(sidecar):
     msg, _ = c.call("hello", {"protocol": 1})
     r = msg["result"]
     assert r["protocol"] == 1 and r["pid"] == proc.pid and r["device"] == "cpu" and r["cuda"] is None
+    assert r["transport"] == "ipc" and r["security"] == "ipc-private-dir"
     msg, _ = c.call("hello", {"protocol": 7})
     assert msg["error"]["code"] == "PROTOCOL_MISMATCH"
     assert "v7" in msg["error"]["message"] and "v1" in msg["error"]["message"]
@@ -117,11 +138,14 @@ def test_our_errors_become_replies_with_their_code_and_data(sidecar, tmp_path):
 
 def test_control_calls_are_answered_during_a_compute_call_which_cancel_ends(sidecar):
     _, c = sidecar
-    busy = c.send("debug.busy", {"seconds": 5, "tickEveryS": 0.05})
+    busy = c.send("debug.busy", {"seconds": 60, "tickEveryS": 0.05})  # cancelled below
     while c.call("status")[0]["result"]["busy"] is None:
         time.sleep(0.01)
     assert c.call("ping")[0] == {"id": c.next_id, "result": {}}
-    time.sleep(0.2)  # let it tick
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "debug:tick" for e in c.events):  # events arrive while it runs
+        assert time.monotonic() < deadline, "no debug:tick within 30 s"
+        c.events.append(msgspec.msgpack.decode(c.sock.recv_multipart()[0]))
     assert c.call("debug.busy", {"seconds": 1})[0]["error"]["code"] == "BUSY"
     assert c.call("cancel", {"id": busy})[0]["result"] == {"cancelled": True, "id": busy}
     msg, _ = c.recv(busy)
@@ -159,14 +183,36 @@ def test_undecodable_envelopes_are_answered_without_an_id(sidecar):
     assert c.call("ping")[0]["result"] == {}
 
 
-def test_random_bytes_each_get_an_error_reply_and_the_sidecar_keeps_serving(sidecar):
+def test_random_and_malformed_frames_each_get_a_reply_and_the_sidecar_keeps_serving(sidecar):
+    """Random bytes, and malformed requests whose id is readable (deep nesting, bad
+    fields, bad tensor refs, extra frames): every one gets exactly one reply, those
+    with a readable id get it back; the sidecar keeps serving."""
     _, c = sidecar
+    c.call("hello", {"protocol": 1})  # after the warm-up: an unknown method is UNKNOWN_METHOD, not a job that may load
     rng = np.random.default_rng(1)
-    n = 2000
-    for _ in range(n):
-        c.sock.send_multipart([rng.bytes(int(rng.integers(0, 80))) for _ in range(int(rng.integers(1, 3)))])
-    codes = [msgspec.msgpack.decode(c.sock.recv_multipart()[0])["error"]["code"] for _ in range(n)]
-    assert set(codes) <= {"INVALID_REQUEST", "INVALID_PARAMS", "UNKNOWN_METHOD", "PROTOCOL_MISMATCH"}
+    enc = msgspec.msgpack.encode
+    malformed = [
+        lambda rid: [_deep(rid, 1000, bool(rng.integers(0, 2)))],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "ping", "params": [1]})],
+        lambda rid: [enc({"id": rid, "v": "1", "method": "ping"})],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "debug.busy", "params": {"seconds": -1}})],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "debug.echo", "params": {"tensor": {"dtype": "int8", "shape": [3], "frame": 0}}}), b"xy"],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "ping"}), *[b"extra"] * int(rng.integers(1, 4))],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "no.such"})],
+        lambda rid: [enc({"id": rid, "v": 1, "method": "ping", "params": {"x": 1}})[:-1]],  # truncated after the id
+    ]
+    n, expected = 2000, set()
+    for i in range(n):
+        if i % 2:
+            rid = 10_000 + i
+            expected.add(rid)
+            c.sock.send_multipart(malformed[int(rng.integers(0, len(malformed)))](rid))
+        else:
+            c.sock.send_multipart([rng.bytes(int(rng.integers(0, 80))) for _ in range(int(rng.integers(1, 3)))])
+    replies = [msgspec.msgpack.decode(c.sock.recv_multipart()[0]) for _ in range(n)]
+    codes = {r["error"]["code"] for r in replies if "error" in r}
+    assert codes <= {"INVALID_REQUEST", "INVALID_PARAMS", "UNKNOWN_METHOD", "PROTOCOL_MISMATCH"}
+    assert expected <= {r["id"] for r in replies}
     assert c.call("ping")[0]["result"] == {}
 
 
@@ -224,3 +270,147 @@ def test_sigterm_stops_it_and_removes_the_socket(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
     assert not os.path.exists(path)
+
+
+# ---- malformed requests: each gets a reply, with its id whenever it can be read ----
+
+
+def _deep(rid, depth, id_last):
+    """{id, v, method: debug.echo, params: {value: [[...]]}}, `depth` msgpack levels in all."""
+    id_part = b"\xa2id" + b"\xce" + rid.to_bytes(4, "big")
+    body = b"\xa1v\x01\xa6method\xaadebug.echo\xa6params\x81\xa5value" + b"\x91" * (depth - 2) + b"\xc0"
+    return b"\x84" + (body + id_part if id_last else id_part + body)
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 100_000])
+@pytest.mark.parametrize("id_last", [False, True])
+def test_deeply_nested_requests_are_answered_with_their_id(sidecar, depth, id_last):
+    _, c = sidecar
+    c.sock.send_multipart([_deep(4242, depth, id_last)])
+    msg = msgspec.msgpack.decode(c.sock.recv_multipart()[0])
+    assert msg["id"] == 4242, msg
+    if depth == 100:  # within what msgspec decodes: echoed back
+        assert "result" in msg
+    else:
+        assert msg["error"]["code"] == "INVALID_REQUEST"
+        assert "nested deeper than the sidecar decodes" in msg["error"]["message"]
+    assert c.call("ping")[0]["result"] == {}
+
+
+@pytest.mark.parametrize(
+    "envelope, frames, rid, code, message",
+    [
+        ({"v": 1, "id": 2**64 - 1, "method": "ping"}, [], 2**64 - 1, None, None),
+        ({"v": 1, "id": -5, "method": "ping"}, [], None, "INVALID_REQUEST", "envelope.id: Expected `int` >= 0"),
+        ({"v": 1, "id": "x", "method": "ping"}, [], None, "INVALID_REQUEST", "envelope.id: Expected `int`"),
+        ({"id": 31, "v": 1, "method": 7, "params": {"a": [[[["deep"]]]]}}, [], 31, "INVALID_REQUEST", "envelope.method"),
+        ({"v": 1, "id": 32, "method": "ping", "extra": True}, [], 32, "INVALID_REQUEST", "unknown field `extra`"),
+        ({"v": 1, "id": 33, "method": "ping"}, [b"x", b"y"], 33, None, None),  # extra frames are ignored
+        ({"v": 1, "id": 34, "method": "debug.echo", "params": {"tensor": {"dtype": "uint8", "shape": [-1], "frame": 0}}}, [b"x"],
+         34, "INVALID_PARAMS", "params.tensor.shape[0]: Expected `int` >= 0"),
+        ({"v": 1, "id": 35, "method": "debug.echo", "params": {"tensor": {"dtype": "uint8", "shape": [1], "frame": -1}}}, [b"x"],
+         35, "INVALID_PARAMS", "params.tensor.frame: Expected `int` >= 0"),
+        ({"v": 1, "id": 36, "method": "debug.echo", "params": {"tensor": {"dtype": "float32", "shape": [2**40, 2**40], "frame": 0}}},
+         [b"abcd"], 36, "INVALID_PARAMS", "needs 4835703278458516698824704 bytes but frame 0 has 4"),
+        ({"v": 1, "id": 37, "method": "debug.echo", "params": {"tensor": {"dtype": "float32", "shape": [2], "frame": 1}}}, [b"12345678"],
+         37, "INVALID_REQUEST", "frame 1 does not exist"),
+    ],
+)
+def test_malformed_envelopes_and_frames_get_a_reply_with_their_id(sidecar, envelope, frames, rid, code, message):
+    _, c = sidecar
+    c.sock.send_multipart([msgspec.msgpack.encode(envelope), *frames])
+    msg = msgspec.msgpack.decode(c.sock.recv_multipart()[0])
+    assert msg["id"] == rid, msg
+    if code is None:
+        assert msg["result"] == {}
+    else:
+        assert msg["error"]["code"] == code and message in msg["error"]["message"], msg
+    assert c.call("ping")[0]["result"] == {}
+
+
+def test_a_truncated_envelope_is_answered_with_its_id_once_the_id_is_readable(sidecar):
+    _, c = sidecar
+    full = msgspec.msgpack.encode({"id": 77, "v": 1, "method": "debug.store", "params": {"key": "k", "value": [1, 2, {"x": "y"}]}})
+    id_end = len(msgspec.msgpack.encode({"id": 77}))
+    for cut in range(len(full)):
+        c.sock.send_multipart([full[:cut]])
+        msg = msgspec.msgpack.decode(c.sock.recv_multipart()[0])
+        assert msg["error"]["code"] == "INVALID_REQUEST"
+        assert msg["id"] == (77 if cut >= id_end else None), (cut, msg)
+    assert c.call("ping")[0]["result"] == {}
+
+
+def test_the_id_scan_reads_only_the_top_level_map_and_never_raises():
+    from nanotune.sidecar.transport import scan_request_id
+
+    enc = msgspec.msgpack.encode
+    assert scan_request_id(enc({"v": 1, "id": 5})) == ("map", 5)
+    assert scan_request_id(enc({"params": {"id": 9, "a": [1, {"id": 8}]}, "id": 2**64 - 1})) == ("map", 2**64 - 1)
+    assert scan_request_id(enc({"params": {"id": 9}})) == ("map", None)  # a nested "id" is not the request's
+    assert scan_request_id(enc({"id": -1})) == ("map", None)
+    assert scan_request_id(enc({"id": 1.0})) == ("map", None)
+    assert scan_request_id(enc([1, 2])) == ("array", None)
+    assert scan_request_id(b"") == (None, None) and scan_request_id(b"\xc1") == (None, None)
+    # ext, bin and str of every size class are skipped by their length
+    big = {"e": msgspec.msgpack.Ext(1, b"x" * 300), "b": b"y" * 70_000, "s": "z" * 70_000, "f": 1.5, "i": -2**40}
+    assert scan_request_id(enc({**big, "id": 3})) == ("map", 3)
+    rng = np.random.default_rng(2)
+    for _ in range(20_000):  # garbage: never an exception, never a hang
+        scan_request_id(rng.bytes(int(rng.integers(0, 60))))
+
+
+# ---- tcp: ZeroMQ CURVE, only our client's key --------------------------------------
+
+
+def test_tcp_is_refused_without_curve_keys(tmp_path):
+    proc, endpoint = start(tmp_path, endpoint="tcp://127.0.0.1:*", stderr=subprocess.PIPE)
+    assert endpoint is None
+    assert proc.wait(30) != 0
+    assert "refusing to serve tcp://127.0.0.1:* without CURVE keys" in proc.stderr.read().decode()
+
+
+def test_tcp_serves_only_the_client_whose_key_came_on_stdin(tmp_path):
+    keys = curve_keys()
+    proc, endpoint = start(tmp_path, endpoint="tcp://127.0.0.1:*", keys=keys)
+    ours = Client(endpoint, keys["server"][0], keys["client"])
+    strangers = [
+        Client(endpoint, timeout_ms=2000),  # no CURVE
+        Client(endpoint, keys["server"][0], zmq.curve_keypair(), timeout_ms=2000),  # another client key
+        Client(endpoint, zmq.curve_keypair()[0], keys["client"], timeout_ms=2000),  # another server key
+    ]
+    try:
+        r = ours.call("hello", {"protocol": 1})[0]["result"]
+        assert r["transport"] == "tcp" and r["security"] == "curve"
+        for s in strangers:
+            with pytest.raises(zmq.Again):  # nothing within 2 s (the send may time out already)
+                s.send("ping")
+                s.sock.recv_multipart()
+        assert ours.call("ping")[0]["result"] == {}
+        assert ours.call("shutdown")[0]["result"] == {}
+        assert proc.wait(10) == 0
+    finally:
+        for s in (ours, *strangers):
+            s.sock.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_failed_ipc_bind_falls_back_to_tcp_only_with_curve(tmp_path):
+    bad = f"ipc://{tmp_path}/no/such/dir/s.sock"
+    proc, endpoint = start(tmp_path, endpoint=bad, stderr=subprocess.PIPE)  # no keys: no fallback
+    assert endpoint is None and proc.wait(30) != 0
+    assert "there is no tcp fallback without CURVE keys" in proc.stderr.read().decode()
+    keys = curve_keys()
+    proc, endpoint = start(tmp_path, endpoint=bad, keys=keys, stderr=subprocess.PIPE)
+    c = Client(endpoint, keys["server"][0], keys["client"])
+    try:
+        assert endpoint.startswith("tcp://127.0.0.1:")
+        r = c.call("hello", {"protocol": 1})[0]["result"]
+        assert r["transport"] == "tcp" and r["security"] == "curve"
+        assert c.call("shutdown")[0]["result"] == {}
+        assert proc.wait(10) == 0
+        assert "falling back to tcp://127.0.0.1 with CURVE" in proc.stderr.read().decode()
+    finally:
+        c.sock.close()
+        if proc.poll() is None:
+            proc.kill()

@@ -27,6 +27,7 @@ def hello(ctx: Context, p: wire.HelloParams):
 
     def answer() -> wire.HelloResult:
         w = ctx.control.warmup()
+        transport, security = ctx.control.transport()
         return wire.HelloResult(
             protocol=wire.PROTOCOL_VERSION,
             sidecar=__version__,
@@ -37,6 +38,8 @@ def hello(ctx: Context, p: wire.HelloParams):
             dtype=ctx.state.dtype,
             cuda=w.cuda,
             methods=sorted(METHODS),
+            transport=transport,
+            security=security,
         )
 
     return answer() if ctx.control.is_ready() else Deferred(answer)

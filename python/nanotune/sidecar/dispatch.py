@@ -195,6 +195,9 @@ class Control(Protocol):
     def shutdown(self) -> None:
         """Exit after this reply is sent."""
 
+    def transport(self) -> tuple[Literal["ipc", "tcp"], Literal["ipc-private-dir", "curve"]]:
+        """What the ROUTER is bound on and what keeps strangers out (hello reports it)."""
+
 
 @dataclass(frozen=True)
 class Deferred:

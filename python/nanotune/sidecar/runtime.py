@@ -2,10 +2,12 @@
 watch and status; `main()` runs it.
 
 Threads and sockets (ZeroMQ sockets are single-thread objects):
-- I/O thread (main): owns the ROUTER (transport.Router) and the inproc PULL.
-  Decodes every request, answers "io" methods inline (hello, ping, status,
-  cancel, shutdown, ...), hands "compute" methods to the compute thread, forwards
-  what other threads send through the PULL to the ROUTER.
+- I/O thread (main): owns the ROUTER (transport.Router), its ZAP handler on tcp
+  (Note [transport security] in transport.py) and the inproc PULL. Decodes every
+  request, answers "io" methods inline (hello, ping, status, cancel, shutdown,
+  ...), hands "compute" methods to the compute thread, forwards what other threads
+  send through the PULL to the ROUTER. It never blocks on a handler, so it answers
+  the client's heartbeat (`status`) even during a long compute step.
 - compute thread: runs the warm-up (import torch, pick the device, import method
   modules), then one job at a time; replies and events go out through its own
   inproc PUSH (any thread may send; see `_push`).
@@ -45,7 +47,7 @@ from .. import wire
 from ..errors import ErrorCode, NanotuneError
 from . import dispatch
 from .dispatch import Cancelled, Context, Deferred, State, Warmup
-from .transport import Codec, ErrorBody, InvalidEnvelope, Router
+from .transport import Codec, CurveKeys, ErrorBody, InvalidEnvelope, Router, scan_request_id
 
 log = logging.getLogger("nanotune.sidecar")
 
@@ -71,7 +73,8 @@ class Job:
 
 
 class Runtime:
-    def __init__(self, endpoint: str, device: str = "auto", parent_pid: int | None = None):
+    def __init__(self, endpoint: str, device: str = "auto", parent_pid: int | None = None,
+                 keys: CurveKeys | None = None):
         for name in HANDLER_MODULES:
             importlib.import_module(name)
         self.device_request = device
@@ -88,7 +91,7 @@ class Runtime:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.stopping = False
         self.codec = Codec()
-        self.router = Router(endpoint)
+        self.router = Router(endpoint, keys)
         self.endpoint = self.router.endpoint
         self.zctx = zmq.Context.instance()  # inproc sockets between our threads
         self.pull = self.zctx.socket(zmq.PULL)
@@ -147,9 +150,13 @@ class Runtime:
         poller = zmq.Poller()
         poller.register(self.router.socket, zmq.POLLIN)
         poller.register(self.pull, zmq.POLLIN)
+        if self.router.zap is not None:
+            poller.register(self.router.zap, zmq.POLLIN)
         next_parent_check = 0.0
         while not self.stopping:
             ready = dict(poller.poll(100))
+            if self.router.zap is not None and self.router.zap in ready:
+                self.router.answer_zap()
             if self.pull in ready:
                 self._drain_pull()
             if self.router.socket in ready:
@@ -158,8 +165,8 @@ class Runtime:
                     parts = self.router.recv()
                     try:
                         self._handle(parts)
-                    except Exception:  # noqa: BLE001  a bug of ours must not take the sidecar down
-                        log.exception("dropped a request that could not be answered (%d frames)", len(parts))
+                    except Exception as e:  # noqa: BLE001  a bug of ours must not take the sidecar down
+                        self._answer_bug(parts, e)
                     if self.stopping or not self.router.has_more():
                         break
             now = time.monotonic()
@@ -173,6 +180,17 @@ class Runtime:
                     log.warning("parent process is gone; exiting")
                     self.stopping = True
         self._drain_pull()
+
+    def _answer_bug(self, parts: list[Any], e: Exception) -> None:
+        """A request whose handling raised where it must not (a bug of ours) still gets
+        an INTERNAL reply with its id when the id can be read: no call may wait forever."""
+        log.error("request failed outside its handler (%d frames):\n%s", len(parts),
+                  "".join(traceback.format_exception(e)))
+        try:
+            rid = scan_request_id(parts[1].bytes)[1] if len(parts) > 1 else None
+            self._send(parts[0], self._reply_parts(rid, error=e))
+        except Exception:  # noqa: BLE001
+            log.exception("could not answer it either")
 
     def _drain_pull(self) -> None:
         while self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -289,6 +307,9 @@ class Runtime:
     def shutdown(self) -> None:
         self.stopping = True
 
+    def transport(self) -> tuple[str, str]:
+        return self.router.transport, self.router.security
+
     def cancel(self, request_id: int | None) -> wire.CancelResult:
         job = self.current
         if job is None or (request_id is not None and job.ctx.id != request_id):
@@ -403,13 +424,16 @@ def _die_with_parent() -> None:
         log.warning("prctl(PR_SET_PDEATHSIG) unavailable (%s); relying on the parent poll", e)
 
 
-def main(endpoint: str, device: str, parent_pid: int | None) -> None:
+def main(endpoint: str, device: str, parent_pid: int | None, keys: CurveKeys | None = None,
+         on_exit: Any = None) -> None:
+    """Serves until shutdown, SIGTERM or the parent's death, then exits the process
+    (os._exit: the compute thread may be inside torch); `on_exit()` runs just before."""
     logging.basicConfig(level=os.environ.get("NANOTUNE_LOG", "WARNING").upper(), stream=sys.stderr,
                         format="[sidecar %(process)d] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack on stderr
     _die_with_parent()
-    runtime = Runtime(endpoint, device, parent_pid)
+    runtime = Runtime(endpoint, device, parent_pid, keys)
 
     def on_term(signum, frame):  # noqa: ARG001
         runtime.stopping = True
@@ -425,5 +449,7 @@ def main(endpoint: str, device: str, parent_pid: int | None) -> None:
         raise
     finally:
         runtime.router.close()  # returns once the last replies are sent, or after 1 s
+        if on_exit is not None:
+            on_exit()
         sys.stderr.flush()
         os._exit(0)  # the compute thread may be inside torch; do not wait for it
