@@ -110,6 +110,7 @@ export async function runDemo(opts: { runDir?: string; steps?: number; progress?
         lr: schedules.warmup(10, schedules.cosine({ peak: 3e-3, min: 3e-4 })),
         evalEvery: steps,
         runDir: join(runDir, "stage1"),
+        overwrite: true, // the demo starts over each time it runs
         progress: opts.progress,
       }),
     );
@@ -129,6 +130,7 @@ export async function runDemo(opts: { runDir?: string; steps?: number; progress?
         maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 50 }),
         evalEvery: steps,
         runDir: join(runDir, "stage2"),
+        overwrite: true,
         progress: opts.progress,
       }),
       { step: Math.floor(steps / 2) - 1, policy: () => policies.random({ density: 0.1, maskInterval: 50 }) },

@@ -4,9 +4,9 @@ export { Sidecar, type SidecarOptions, type CallOptions, type Params, type Resul
 export { NanotuneError, SidecarError, ConfigError, ErrorCode, errorCodes, isUserError, type NanotuneErrorOptions, type SidecarErrorOptions } from "./errors.ts";
 export { Tensor, type DType, type TypedArrayOf } from "./tensor.ts";
 export { PROTOCOL_VERSION, type MethodName, type EventName } from "../protocol/schema.ts";
-export { Trainer, type TrainerInit } from "./train/trainer.ts";
-export type { TrainerEvent, TrainerEventType } from "./train/events.ts";
+export { Trainer, type TrainerInit, type RunOptions } from "./train/trainer.ts";
+export type { TrainerEvent, TrainerEventType, RunEndReason, PolicyState, NonFiniteStep } from "./train/events.ts";
 export { parseConfig, type TrainerOptions, type ResolvedTrainerConfig, type ScheduleJSON, type PolicyJSON } from "./train/config.ts";
-export { schedules, type Schedule, type ScheduleLike } from "./train/schedules.ts";
-export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions } from "./train/policies.ts";
+export { schedules, type Schedule, type ScheduleLike, type ScheduleSpec } from "./train/schedules.ts";
+export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions, type PolicySpec } from "./train/policies.ts";
 export { sinks, type Sink, type ProgressOptions, type ConsoleOptions } from "./sinks/index.ts";

@@ -162,6 +162,38 @@ describe("nanotune CLI: paths in a config file are relative to the file", () => 
   });
 });
 
+describe("nanotune train: run directories and non-finite steps", () => {
+  const rows = Array.from({ length: 32 }, (_, i) => ({ instruction: `Double ${i}.`, input: "", output: String(2 * i) }));
+  const config = (over: object) => ({ model: { path: "tiny-llama", device: "cpu" }, data: { path: "data.jsonl", cutoff: 64 }, steps: 4, microBatch: 2, lr: 1e-3, ...over });
+
+  it("a runDir that already holds files exits 2 before the sidecar starts, naming it and the fix", () => {
+    const cfgDir = join(dir, "usedcfg");
+    mkdirSync(join(cfgDir, "run"), { recursive: true });
+    writeFileSync(join(cfgDir, "run", "metrics.jsonl"), "{}\n");
+    writeFileSync(join(cfgDir, "train.json"), JSON.stringify(config({ runDir: "run" })));
+    const t0 = performance.now();
+    const r = nanotune(["train", join(cfgDir, "train.json")]);
+    expect(r.status, r.stderr).toBe(2);
+    expect(performance.now() - t0).toBeLessThan(5000); // no sidecar (torch) was started
+    expect(lines(r.stderr)).toHaveLength(1);
+    expect(r.stderr).toContain(`runDir: ${join(cfgDir, "run")} already holds files (metrics.jsonl)`);
+    expect(r.stderr).toMatch(/set resumeFrom .* overwrite: true/);
+  });
+
+  it("a non-finite step (lr 1e10) stops the run: exit 1, run:end reason non-finite in metrics.jsonl", () => {
+    const cfgDir = join(dir, "nancfg");
+    mkdirSync(cfgDir, { recursive: true });
+    writeFileSync(join(cfgDir, "data.jsonl"), rows.map((r) => JSON.stringify(r)).join("\n") + "\n");
+    writeFileSync(join(cfgDir, "train.json"), JSON.stringify(config({ lr: 1e10, runDir: "run" })));
+    const r = nanotune(["train", join(cfgDir, "train.json")]);
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/nanotune: stopped at step \d+: a non-finite loss or gradient norm/);
+    expect(r.stdout).toMatch(/^non-finite after \d+ steps/m);
+    const end = JSON.parse(readFileSync(join(cfgDir, "run", "metrics.jsonl"), "utf8").trim().split("\n").at(-1)!);
+    expect(end).toMatchObject({ type: "run:end", reason: "non-finite", nonFinite: { lr: 1e10 } });
+  });
+});
+
 describe("nanotune doctor", () => {
   it("reports the checkout's Python, torch and both protocol versions, and exits 0", () => {
     const r = nanotune(["doctor"]);

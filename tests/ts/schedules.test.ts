@@ -63,3 +63,47 @@ describe("policies", () => {
     expect(() => policies.random({ density: 0.1, maskInterval: 0 })).toThrow(/maskInterval/);
   });
 });
+
+describe("schedules and policies as JSON (what config.json and checkpoints record)", () => {
+  it("every built-in schedule carries its spec, and the spec rebuilds the same schedule", async () => {
+    const { scheduleFromJSON, ScheduleJSON } = await import("../../ts/train/config.ts");
+    const built = [
+      schedules.constant(2e-3),
+      schedules.linear(0.1, 0.04, { every: 5 }),
+      schedules.linear(1, 0, { steps: 7 }),
+      schedules.cosine({ peak: 1e-2, min: 1e-3, warmupSteps: 3 }),
+      schedules.warmup(4, schedules.cosine({ peak: 1e-2 })),
+      schedules.warmup(2, 0.5),
+    ];
+    for (const s of built) {
+      const spec = JSON.parse(JSON.stringify(s));
+      expect(ScheduleJSON.safeParse(spec).success, JSON.stringify(spec)).toBe(true);
+      const again = scheduleFromJSON(spec);
+      for (const t of [0, 1, 3, 5, 9, 20]) expect(again(t, 20)).toBe(s(t, 20));
+      expect(JSON.parse(JSON.stringify(again))).toEqual(spec);
+    }
+    expect(JSON.parse(JSON.stringify(schedules.warmup(4, schedules.constant(2))))).toEqual({ type: "warmup", steps: 4, then: { type: "constant", value: 2 } });
+  });
+
+  it("a custom schedule is recorded by name, never as <function>", () => {
+    const spike = schedules.fn((t) => (t === 3 ? 1e10 : 1e-2), "spike");
+    expect(spike(3, 10)).toBe(1e10);
+    expect(JSON.stringify(spike)).toBe('{"type":"custom","name":"spike"}');
+    function named() {
+      return 1;
+    }
+    expect(JSON.parse(JSON.stringify(schedules.fn(named)))).toEqual({ type: "custom", name: "named" });
+    expect(JSON.parse(JSON.stringify(schedules.warmup(2, spike)))).toEqual({ type: "warmup", steps: 2, then: { type: "custom", name: "spike" } });
+  });
+
+  it("built-in policies carry their spec; a JSON policy round-trips", async () => {
+    const { PolicyJSON, policyFromJSON } = await import("../../ts/train/config.ts");
+    const p = policies.largeGrads({ density: schedules.linear(0.1, 0.05, { every: 3 }), maskInterval: 7, perTensor: { "mlp\\.": 0.2 }, exclude: ["embed"] });
+    const spec = JSON.parse(JSON.stringify(p));
+    expect(spec).toEqual({ type: "largeGrads", density: { type: "linear", from: 0.1, to: 0.05, every: 3 }, maskInterval: 7, perTensor: { "mlp\\.": 0.2 }, exclude: ["embed"] });
+    const again = policyFromJSON(PolicyJSON.parse(spec));
+    expect(JSON.parse(JSON.stringify(again))).toEqual(spec);
+    for (const t of [0, 3, 6, 9]) expect(again.decide(t, 10)).toEqual(p.decide(t, 10));
+    expect(JSON.parse(JSON.stringify(policies.smallWeights({ density: 0.1 })))).toEqual({ type: "smallWeights", density: 0.1, maskInterval: 100 });
+  });
+});

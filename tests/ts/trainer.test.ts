@@ -174,6 +174,44 @@ describe("Trainer", () => {
     expect(resumed.map((s) => s.loss)).toEqual(steps(events).slice(3).map((s) => s.loss));
   });
 
+  it("run({ signal, checkpointOnAbort: true }) lets the step in flight finish, saves it and ends 'interrupted'; a plain signal cancels ('aborted')", async () => {
+    const config = (runDir: string) => ({
+      model: { path: "tiny-llama", device: "cpu" },
+      data: { path: dataPath, cutoff: 64 },
+      optimizer: { name: "nanoadam" as const, density: 0.2 },
+      steps: 20,
+      microBatch: 4,
+      lr: 1e-2,
+      checkpointEvery: 10,
+      runDir,
+      progress: false,
+    });
+    const abortDuringStep4 = async (runDir: string, checkpointOnAbort: boolean) => {
+      const ac = new AbortController();
+      let abortedAt = 0;
+      const out: { ev: TrainerEvent; at: number }[] = [];
+      for await (const ev of new Trainer({ sidecar: sc, ...config(runDir) }).run({ signal: ac.signal, checkpointOnAbort })) {
+        out.push({ ev, at: performance.now() });
+        if (ev.type === "train:step" && ev.step === 3) setTimeout(() => ((abortedAt = performance.now()), ac.abort()), 0); // step 4 is then in flight
+      }
+      return { events: out.map((o) => o.ev), stepAt: (k: number) => out.find((o) => o.ev.type === "train:step" && o.ev.step === k)?.at, abortedAt };
+    };
+
+    const graceful = await abortDuringStep4(join(dir, "abort-graceful"), true);
+    expect(graceful.stepAt(4)).toBeGreaterThan(graceful.abortedAt); // step 4 was in flight when the abort came, and finished
+    expect(steps(graceful.events).map((s) => s.step)).toEqual([0, 1, 2, 3, 4]);
+    const end = graceful.events.at(-1)!;
+    const path = join(dir, "abort-graceful", "checkpoints", "step-000005");
+    expect(end).toMatchObject({ type: "run:end", reason: "interrupted", step: 5, checkpoint: path });
+    expect(graceful.events.filter((e) => e.type === "checkpoint:saved").map((e) => e.type === "checkpoint:saved" && e.path)).toEqual([path]);
+    expect(existsSync(join(path, "trainer_state.json"))).toBe(true);
+
+    const cancelled = await abortDuringStep4(join(dir, "abort-cancel"), false);
+    expect(steps(cancelled.events).map((s) => s.step)).toEqual([0, 1, 2, 3]);
+    expect(cancelled.events.at(-1)).toMatchObject({ type: "run:end", reason: "aborted" });
+    expect(existsSync(join(dir, "abort-cancel", "checkpoints"))).toBe(false);
+  });
+
   it("names a config typo, a missing data file and a malformed JSONL row, and keeps the sidecar's state", async () => {
     const typo = () => parseConfig({ model: "tiny-llama", data: dataPath, steps: 3, lr: 1e-3, optimizer: { name: "nanoadam", densty: 0.1 } }, "cfg.json");
     expect(typo).toThrow(ConfigError);

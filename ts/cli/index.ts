@@ -4,7 +4,9 @@
 //
 // Exit codes: 0 ok; 2 a user error (wrong config field, missing file, bad
 // argument, no Python set up: one line `nanotune: ...` on stderr); 1 anything
-// else (one line, plus the stack trace with --verbose).
+// else (one line, plus the stack trace with --verbose), including a training run
+// stopped by a non-finite step; 130 / 143 `train` interrupted by SIGINT / SIGTERM
+// (a second signal makes `train` exit the process at once: ts/cli/train.ts).
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
@@ -48,22 +50,25 @@ const COMMANDS: Record<string, Command> = {
     usage: `usage: nanotune train <config.json>
 
 Finetunes with the Trainer as the config says: the Trainer's options as JSON
-({model, data, optimizer, steps, microBatch, gradAccum, lr, maskPolicy, evalEvery,
-checkpointEvery, runDir, resumeFrom}). A wrong or unknown field is an error that
+({model, data, optimizer, steps, microBatch, gradAccum, lr, gradClip, maskPolicy,
+evalEvery, checkpointEvery, runDir, resumeFrom, overwrite, onNonFinite, maxSkips}). A wrong or unknown field is an error that
 names it. Relative paths in the file (a model directory, data.path,
 data.evalPath, runDir, resumeFrom) are relative to the file's directory; a
 preset name such as "tiny-llama" stays a preset.
 
 Progress goes to stderr (a bar on a terminal, log lines otherwise); with runDir
-every event is also appended to <runDir>/metrics.jsonl. Ctrl-C stops the run
-after the current step.
+every event is also appended to <runDir>/metrics.jsonl. A runDir that already
+holds files is an error unless the config resumes (resumeFrom) or sets
+"overwrite": true.
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint (with
+runDir) and exits 130 or 143; a second one exits at once. A step whose loss or
+gradient norm is not finite ends the run with exit code 1 (onNonFinite "stop",
+the default; "skip" skips up to maxSkips such steps in a row).
 ${COMMON}`,
     options: {},
     positionals: [1, 1, "a config file"],
-    async run([config], _values, verbose) {
-      await trainCommand(config!, { verbose });
-      return 0;
-    },
+    run: ([config], _values, verbose) => trainCommand(config!, { verbose }),
   },
   eval: {
     summary: "eval <config.json>     per-task accuracy on local benchmark files",

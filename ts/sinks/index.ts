@@ -13,6 +13,7 @@ import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import chalk from "chalk";
 import type { TrainerEvent } from "../train/events.ts";
+import { describeEnd, describeNonFinite } from "./describe.ts";
 import { ProgressBar } from "./progress.ts";
 
 export interface Sink {
@@ -75,18 +76,25 @@ function consoleLines(options: ConsoleOptions = {}): Sink {
           return;
         case "mask:refreshed":
           return;
+        case "step:skipped":
+          return print(chalk.yellow(`step ${ev.step}: skipped, ${describeNonFinite(ev)} (${ev.inARow} in a row)`));
+        case "policy:swapped":
+          return print(chalk.magenta(`step ${ev.step}: mask policy ${ev.from ?? "-"} -> ${ev.to}`));
         case "eval":
           return print(chalk.cyan(`eval @${ev.step}: loss ${ev.loss.toFixed(4)} ppl ${ev.perplexity.toFixed(2)}`));
         case "checkpoint:saved":
           return print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
         case "run:end":
-          return print(`${ev.reason} after ${ev.step} steps in ${ev.timeS.toFixed(1)} s; last loss ${ev.lastLoss?.toFixed(4) ?? "-"}`);
+          return print(describeEnd(ev));
       }
     },
   };
 }
 
-/** Every event as one JSON line `{time, type, ...}` appended to `path` (its directory is created). */
+/** NaN and ±Infinity as strings: JSON has no such numbers (JSON.stringify would write null). */
+const nonFiniteAsString = (_k: string, v: unknown) => (typeof v === "number" && !Number.isFinite(v) ? String(v) : v);
+
+/** Every event as one JSON line `{time, type, ...}` appended to `path` (its directory is created); NaN and ±Infinity are written as "NaN", "Infinity", "-Infinity". */
 function jsonl(path: string): Sink {
   let fd: number | null = null;
   return {
@@ -96,7 +104,7 @@ function jsonl(path: string): Sink {
         mkdirSync(dirname(path), { recursive: true });
         fd = openSync(path, "a");
       }
-      writeSync(fd, `${JSON.stringify({ time: new Date().toISOString(), ...ev })}\n`);
+      writeSync(fd, `${JSON.stringify({ time: new Date().toISOString(), ...ev }, nonFiniteAsString)}\n`);
     },
     close() {
       if (fd !== null) closeSync(fd);

@@ -2,6 +2,7 @@
 // lr, density, tokens/s and ETA, redrawn at most every 100 ms.
 import chalk from "chalk";
 import type { TrainerEvent } from "../train/events.ts";
+import { describeEnd, describeNonFinite } from "./describe.ts";
 
 export class ProgressBar {
   private readonly t0 = performance.now();
@@ -19,6 +20,9 @@ export class ProgressBar {
     if (ev.type === "eval") this.print(chalk.cyan(`eval @${ev.step}: loss ${ev.loss.toFixed(4)}, ppl ${ev.perplexity.toFixed(2)}`));
     if (ev.type === "mask:refreshed") this.print(chalk.magenta(`mask refreshed @${ev.step}: ${ev.policy} ${ev.decision.criterion} k=${ev.decision.density.toFixed(4)}`));
     if (ev.type === "checkpoint:saved") this.print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
+    if (ev.type === "policy:swapped") this.print(chalk.magenta(`mask policy @${ev.step}: ${ev.from ?? "-"} -> ${ev.to}`));
+    if (ev.type === "step:skipped") this.print(chalk.yellow(`step ${ev.step} skipped: ${describeNonFinite(ev)} (${ev.inARow} in a row)`));
+    if (ev.type === "run:end" && ev.reason !== "completed") this.print(describeEnd(ev));
     if (ev.type !== "train:step") return;
     const now = performance.now();
     const done = ev.step + 1;

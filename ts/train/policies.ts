@@ -3,8 +3,10 @@
 // refreshes and at which criterion and densities; the sidecar does the
 // selection (chunked bottom-k on the device). Users implement MaskPolicy to
 // build their own; the four built-ins are the paper's rule and its ablations.
+// A built-in carries its description as JSON (`toJSON()`, its PolicySpec), which
+// config.json and checkpoints record; a custom policy is known by its `name`.
 import { NanotuneError } from "../errors.ts";
-import { type ScheduleLike, toSchedule } from "./schedules.ts";
+import { type ScheduleLike, type ScheduleSpec, scheduleSpec, toSchedule } from "./schedules.ts";
 
 /** Which entries a refresh selects: the paper's rule, then its ablations. */
 export type Criterion = "small_weights" | "large_weights" | "random" | "large_grads";
@@ -29,12 +31,38 @@ export interface RefreshContext {
   lastDecision: MaskDecision | null;
 }
 
+/** The built-in policies' names (PolicySpec's `type`). */
+export type BuiltinPolicyName = "smallWeights" | "largeWeights" | "random" | "largeGrads";
+
+/**
+ * A mask policy as JSON: what a built-in's `toJSON()` returns (a JSON config's
+ * `maskPolicy`), or `{type: "custom", name}` for a policy known only by its name.
+ */
+export type PolicySpec =
+  | {
+      type: BuiltinPolicyName;
+      density: ScheduleSpec;
+      maskInterval?: number;
+      perTensor?: Record<string, ScheduleSpec>;
+      include?: string[];
+      exclude?: string[];
+    }
+  | { type: "custom"; name: string };
+
 export interface MaskPolicy {
+  /** Its name in events and checkpoints; a checkpoint of a custom policy is resumed by a policy of the same name. */
   readonly name: string;
   /** The mask to apply if it refreshes before `step`. */
   decide(step: number, totalSteps: number): MaskDecision;
   /** Whether the mask refreshes before `step` (the Trainer always refreshes on a policy's first step). */
   shouldRefresh(step: number, totalSteps: number, ctx: RefreshContext): boolean;
+  /** Its description as JSON (the built-ins have one); without it the policy is recorded as `{type: "custom", name}`. */
+  toJSON?(): PolicySpec;
+}
+
+/** The JSON description of a policy: its `toJSON()`, else `{type: "custom", name}`. */
+export function policySpec(p: MaskPolicy): PolicySpec {
+  return typeof p.toJSON === "function" ? p.toJSON() : { type: "custom", name: p.name };
 }
 
 export interface BuiltinPolicyOptions {
@@ -48,7 +76,7 @@ export interface BuiltinPolicyOptions {
   exclude?: string[];
 }
 
-function builtin(name: string, criterion: Criterion) {
+function builtin(name: BuiltinPolicyName, criterion: Criterion) {
   return (opts: BuiltinPolicyOptions): MaskPolicy => {
     const density = toSchedule(opts.density);
     const maskInterval = opts.maskInterval ?? 100;
@@ -65,9 +93,14 @@ function builtin(name: string, criterion: Criterion) {
       if (opts.exclude) d.exclude = [...opts.exclude];
       return d;
     };
+    const spec: PolicySpec = { type: name, density: scheduleSpec(opts.density), maskInterval };
+    if (opts.perTensor) spec.perTensor = Object.fromEntries(Object.entries(opts.perTensor).map(([p, v]) => [p, scheduleSpec(v)]));
+    if (opts.include) spec.include = [...opts.include];
+    if (opts.exclude) spec.exclude = [...opts.exclude];
     return {
       name,
       decide,
+      toJSON: () => spec,
       // Algorithm 1: every m steps, or when the density (any tensor's) changed.
       shouldRefresh: (step, total, ctx) =>
         ctx.sinceActivation % maskInterval === 0 ||

@@ -3,14 +3,30 @@
 // A recipe as torchtune writes one: setup (load model, data, optimizer, maybe
 // resume), train (steps, eval, checkpoints), save, cleanup. The Trainer never
 // prints: it yields events and hands each to its sinks (ts/sinks/).
+//
+// Note [one run per sidecar]: a run owns its sidecar's session. load_model and
+// create_optimizer return a session generation; every later call of the run
+// carries the latest one, so a call made after anything else loaded a model or
+// created an optimizer on that sidecar fails with SESSION_CHANGED (the run ends
+// with that error) instead of training someone else's model. A second Trainer
+// whose run() starts while another Trainer runs on the same Sidecar fails at once
+// with BUSY, before it sends anything.
+//
+// Note [step index]: the Trainer follows the sidecar's step counter. A step the
+// sidecar refuses as non-finite (NON_FINITE) leaves its step, weights, moments and
+// mask as they were, so with onNonFinite "skip" the Trainer tries the same step
+// index again, with the same lr (schedules index by step) and the same mask
+// decision; the sidecar feeds it the next batch (the refused batch is consumed).
+// A policy swap is committed only once a step with it was accepted.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ConfigError, NanotuneError } from "../errors.ts";
-import type { Sidecar } from "../sidecar.ts";
+import type { Params, Result, Sidecar } from "../sidecar.ts";
 import { type Sink, sinks as builtinSinks } from "../sinks/index.ts";
-import { parseConfig, type ResolvedTrainerConfig, toPolicy, toScheduleOption, type TrainerOptions } from "./config.ts";
-import type { TrainerEvent } from "./events.ts";
-import type { MaskDecision, MaskPolicy } from "./policies.ts";
+import { parseConfig, PolicyJSON, policyFromJSON, type ResolvedTrainerConfig, toPolicy, toScheduleOption, type TrainerOptions } from "./config.ts";
+import type { NonFiniteStep, PolicyState, RunEndReason, TrainerEvent } from "./events.ts";
+import { type MaskDecision, type MaskPolicy, policySpec } from "./policies.ts";
+import { prepareRunDir } from "./rundir.ts";
 import type { Schedule } from "./schedules.ts";
 
 export type { TrainerEvent };
@@ -21,10 +37,28 @@ export interface TrainerInit extends TrainerOptions {
   sinks?: Sink[];
 }
 
+export interface RunOptions {
+  /** Aborting stops the run (see checkpointOnAbort). */
+  signal?: AbortSignal;
+  /**
+   * On abort: false (default) cancels the call in flight and ends with run:end reason
+   * "aborted"; true lets the step in flight finish (nothing is cancelled once steps
+   * run), skips the eval that would follow, saves a checkpoint of that step when there
+   * is a runDir, and ends with reason "interrupted" (what `nanotune train` does on
+   * SIGINT/SIGTERM).
+   */
+  checkpointOnAbort?: boolean;
+}
+
+/** The Trainer running on each Sidecar (Note [one run per sidecar]). */
+const owners = new WeakMap<Sidecar, Trainer>();
+
 export class Trainer {
   readonly config: ResolvedTrainerConfig;
   readonly sidecar: Sidecar;
   private readonly lr: Schedule;
+  /** The config's policy: where every run starts (a resumed run then restores the checkpoint's). */
+  private readonly initialPolicy: MaskPolicy | null;
   private policy: MaskPolicy | null;
   private activatedAt = 0;
   private pendingPolicy: MaskPolicy | null = null;
@@ -37,7 +71,8 @@ export class Trainer {
     this.config = parseConfig(options, "Trainer options");
     this.sinks = sinks ?? builtinSinks.defaults(this.config);
     this.lr = toScheduleOption(this.config.lr);
-    this.policy = this.config.optimizer.name === "nanoadam" ? toPolicy(this.config.maskPolicy, this.config.optimizer.density ?? 0.01) : null;
+    this.initialPolicy = this.config.optimizer.name === "nanoadam" ? toPolicy(this.config.maskPolicy, this.config.optimizer.density ?? 0.01) : null;
+    this.policy = this.initialPolicy;
     if (this.config.optimizer.name === "adamw" && this.config.maskPolicy !== undefined) {
       throw new ConfigError("Trainer options", [{ path: "maskPolicy", message: "needs optimizer.name 'nanoadam' (AdamW updates every entry)" }]);
     }
@@ -48,87 +83,200 @@ export class Trainer {
     return this.pendingPolicy ?? this.policy;
   }
 
-  /** Swaps the mask policy; it takes effect at the next step, which refreshes the mask with it. */
+  /** Swaps the mask policy; it takes effect at the next step, which refreshes the mask with it (event policy:swapped). */
   setMaskPolicy(policy: MaskPolicy): void {
-    if (this.policy === null) throw new NanotuneError("INVALID_ARGUMENT", "setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
+    if (this.initialPolicy === null) throw new NanotuneError("INVALID_ARGUMENT", "setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
     this.pendingPolicy = policy;
   }
 
-  /** Runs setup and the loop; yields typed events and simply ends (aborted or completed). */
-  async *run(options: { signal?: AbortSignal } = {}): AsyncGenerator<TrainerEvent, void, undefined> {
+  /**
+   * Runs setup and the loop; yields typed events and ends with run:end (completed,
+   * interrupted, aborted or non-finite). Errors reject the iterator: a sidecar that
+   * died (SIDECAR_CRASHED), another client taking the sidecar over (SESSION_CHANGED),
+   * a second run on the same sidecar (BUSY, at once), a used runDir (INVALID_CONFIG, at once).
+   */
+  async *run(options: RunOptions = {}): AsyncGenerator<TrainerEvent, void, undefined> {
     if (this.running) throw new NanotuneError("BUSY", "Trainer.run: this trainer is already running; await the first run's end");
-    this.running = true;
-    const { signal } = options;
+    const owner = owners.get(this.sidecar);
+    if (owner !== undefined && owner !== this) {
+      throw new NanotuneError("BUSY", `Trainer.run: another Trainer is running on this sidecar (pid ${this.sidecar.pid}); wait for its run to end, or start a second Sidecar`, {
+        data: { pid: this.sidecar.pid },
+      });
+    }
     const cfg = this.config;
+    prepareRunDir(cfg, "Trainer options", true);
+    this.running = true;
+    owners.set(this.sidecar, this);
+
+    const { signal, checkpointOnAbort = false } = options;
     const started = performance.now();
-    this.writeConfig();
+    // Setup calls may be cancelled; once steps run, checkpointOnAbort lets the call in flight finish.
+    const setupCall = { signal };
+    const stepCall = checkpointOnAbort ? {} : { signal };
+    const stopping = () => signal?.aborted === true;
+    this.policy = this.initialPolicy;
+    this.activatedAt = 0;
+    this.lastDecision = null;
     let step = 0;
     let lastLoss: number | null = null;
+    let saved: { step: number; path: string | null } = { step: 0, path: null }; // the last checkpoint (or the one resumed from)
+    let generation: number | undefined;
     const emit = async (ev: TrainerEvent): Promise<TrainerEvent> => {
       for (const sink of this.sinks) await sink.write(ev);
       return ev;
     };
+    const end = (reason: RunEndReason, more: Partial<Extract<TrainerEvent, { type: "run:end" }>> = {}): TrainerEvent => ({
+      type: "run:end",
+      step,
+      reason,
+      timeS: (performance.now() - started) / 1000,
+      lastLoss,
+      ...more,
+    });
+    const save = async (done: number) => {
+      const path = join(resolve(cfg.runDir!), "checkpoints", `step-${String(done).padStart(6, "0")}`);
+      const policy = this.policyState();
+      const r = await this.sidecar.call("save_checkpoint", { path, generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
+      saved = { step: done, path: r.path };
+      return emit({ type: "checkpoint:saved", step: done, path: r.path, timeS: r.timeS });
+    };
+
     try {
-      const call = { signal };
-      const model = await this.sidecar.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, call);
-      const data = await this.sidecar.call("load_dataset", typeof cfg.data === "string" ? { path: cfg.data } : cfg.data, call);
+      this.writeConfig();
+      const model = await this.sidecar.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, setupCall);
+      generation = model.generation;
+      const dataParams: Params<"load_dataset"> = typeof cfg.data === "string" ? { path: cfg.data } : cfg.data;
+      const data = await this.sidecar.call("load_dataset", { ...dataParams, generation }, setupCall);
       const { name, ...optOpts } = cfg.optimizer;
       // NanoAdam without maskInterval refreshes only when told: this loop decides.
-      const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts }, call);
+      const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts, generation }, setupCall);
+      generation = optimizer.generation;
       if (cfg.resumeFrom) {
-        const resumed = await this.sidecar.call("load_checkpoint", { path: resolve(cfg.resumeFrom) }, call);
+        const path = resolve(cfg.resumeFrom);
+        const resumed = await this.sidecar.call("load_checkpoint", { path, generation }, setupCall);
         step = resumed.step;
+        saved = { step, path: resumed.path };
         this.lastDecision = resumed.extra.mask ?? null;
+        this.restorePolicy(resumed.extra.policy, path);
       }
-      yield await emit({ type: "run:start", step, totalSteps: cfg.steps, model, data, optimizer });
+      yield await emit({ type: "run:start", step, totalSteps: cfg.steps, model, data, optimizer, policy: this.policyState() });
 
-      for (; step < cfg.steps; step++) {
-        if (signal?.aborted) break;
-        const mask = this.decideMask(step);
+      let inARow = 0; // refused (non-finite) steps in a row
+      while (step < cfg.steps && !stopping()) {
+        const plan = this.plan(step);
         const lr = this.lr(step, cfg.steps);
-        const r = await this.sidecar.call("train_step", { lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask }, call);
+        let r: Result<"train_step">;
+        try {
+          r = await this.sidecar.call(
+            "train_step",
+            { generation, lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask: plan.mask },
+            stepCall,
+          );
+        } catch (e) {
+          if (!(e instanceof NanotuneError && e.code === "NON_FINITE")) throw e;
+          const refused = nonFiniteStep(e, step, lr);
+          step = refused.step; // Note [step index]: the sidecar did not advance
+          if (cfg.onNonFinite === "skip" && inARow < cfg.maxSkips) {
+            inARow++;
+            yield await emit({ type: "step:skipped", reason: "non-finite", inARow, ...refused });
+            continue;
+          }
+          yield await emit(end("non-finite", { nonFinite: { ...refused, skipped: inARow } }));
+          return;
+        }
+        inARow = 0;
         lastLoss = r.loss;
-        if (mask) this.lastDecision = mask;
-        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
-        if (r.maskRefreshed && mask && this.policy) yield await emit({ type: "mask:refreshed", step, policy: this.policy.name, decision: mask });
-        const done = step + 1;
-        if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps)) {
-          yield await emit({ type: "eval", ...(await this.sidecar.call("evaluate", {}, call)) });
+        if (plan.swapTo) {
+          const from = this.policy?.name ?? null;
+          this.policy = plan.swapTo;
+          this.activatedAt = r.step;
+          if (this.pendingPolicy === plan.swapTo) this.pendingPolicy = null; // a newer swap stays pending
+          yield await emit({ type: "policy:swapped", step: r.step, from, to: plan.swapTo.name, spec: policySpec(plan.swapTo) });
+        }
+        if (plan.mask) this.lastDecision = plan.mask;
+        step = r.step + 1; // Note [step index]
+        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: plan.mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
+        if (r.maskRefreshed && plan.mask && this.policy) yield await emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
+        const done = step;
+        if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(checkpointOnAbort && stopping())) {
+          yield await emit({ type: "eval", ...(await this.sidecar.call("evaluate", { generation }, stepCall)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
-          const path = join(resolve(cfg.runDir), "checkpoints", `step-${String(done).padStart(6, "0")}`);
-          const policy = this.policy ? { name: this.policy.name, activatedAt: this.activatedAt } : null;
-          const saved = await this.sidecar.call("save_checkpoint", { path, extra: { config: jsonConfig(cfg), policy } }, call);
-          yield await emit({ type: "checkpoint:saved", step: done, path: saved.path, timeS: saved.timeS });
+          yield await save(done);
         }
       }
-      yield await emit({ type: "run:end", step, reason: step >= cfg.steps ? "completed" : "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
+      if (step >= cfg.steps) {
+        yield await emit(end("completed"));
+      } else if (checkpointOnAbort) {
+        if (cfg.runDir && step > saved.step) yield await save(step);
+        yield await emit(end("interrupted", { checkpoint: saved.step === step ? saved.path : null }));
+      } else {
+        yield await emit(end("aborted"));
+      }
     } catch (e) {
-      if (signal?.aborted && (e as { code?: string }).code === "CANCELLED") {
-        yield await emit({ type: "run:end", step, reason: "aborted", timeS: (performance.now() - started) / 1000, lastLoss });
+      if (stopping() && e instanceof NanotuneError && e.code === "CANCELLED") {
+        yield await emit(end(checkpointOnAbort ? "interrupted" : "aborted", checkpointOnAbort ? { checkpoint: null } : {}));
         return;
       }
+      // The sinks learn how the run ended (metrics.jsonl's last line); the iterator throws.
+      const error = e instanceof NanotuneError ? { code: e.code, message: e.message.split("\n")[0]! } : { code: "INTERNAL", message: String(e) };
+      for (const sink of this.sinks) await Promise.resolve(sink.write(end("failed", { error }))).catch(() => undefined);
       throw e;
     } finally {
       this.running = false;
+      if (owners.get(this.sidecar) === this) owners.delete(this.sidecar);
       for (const sink of this.sinks) await sink.close?.();
     }
   }
 
-  /** The mask decision to send with `step`, or undefined when the mask stays. */
-  private decideMask(step: number): MaskDecision | undefined {
-    if (this.pendingPolicy) {
-      this.policy = this.pendingPolicy;
-      this.pendingPolicy = null;
-      this.activatedAt = step;
-      return this.policy.decide(step, this.config.steps); // a swap always refreshes
-    }
-    if (!this.policy) return undefined;
+  /** What the next step sends: the mask decision (undefined: the mask stays) and the policy it swaps to, committed once the step is accepted. */
+  private plan(step: number): { mask?: MaskDecision; swapTo?: MaskPolicy } {
+    const total = this.config.steps;
+    if (this.pendingPolicy) return { mask: this.pendingPolicy.decide(step, total), swapTo: this.pendingPolicy }; // a swap always refreshes
+    if (!this.policy) return {};
     const ctx = { sinceActivation: step - this.activatedAt, lastDecision: this.lastDecision };
-    if (this.lastDecision === null || this.policy.shouldRefresh(step, this.config.steps, ctx)) {
-      return this.policy.decide(step, this.config.steps);
+    if (this.lastDecision === null || this.policy.shouldRefresh(step, total, ctx)) return { mask: this.policy.decide(step, total) };
+    return {};
+  }
+
+  /** The active policy as a checkpoint keeps it (CheckpointExtra.policy): spec null for a custom policy without toJSON. */
+  private policyState(): PolicyState | null {
+    if (!this.policy) return null;
+    return { name: this.policy.name, activatedAt: this.activatedAt, spec: typeof this.policy.toJSON === "function" ? this.policy.toJSON() : null };
+  }
+
+  /**
+   * Resume: the checkpoint's active policy and its activation step win over the
+   * config's policy, so refreshes after the resume fall where the uninterrupted run
+   * had them. The config's own policy object is used when it is the same policy (same
+   * spec; for a custom one, the same name); a built-in is rebuilt from its spec;
+   * anything else (a custom policy, or custom schedules inside a built-in, that this
+   * config does not supply) is an INVALID_CONFIG error naming it.
+   */
+  private restorePolicy(saved: Result<"load_checkpoint">["extra"]["policy"], path: string): void {
+    const configured = this.policy;
+    if (!saved || !configured) return;
+    // No spec (null, or absent: the wire omits a null; also checkpoints written before specs): known by name only.
+    const savedSpec = saved.spec ?? null;
+    const mine = typeof configured.toJSON === "function" ? configured.toJSON() : null;
+    let restored: MaskPolicy | null = null;
+    if (savedSpec === null) restored = configured.name === saved.name ? configured : null;
+    else if (mine !== null && canonical(mine) === canonical(savedSpec)) restored = configured;
+    else {
+      const parsed = PolicyJSON.safeParse(savedSpec);
+      if (parsed.success) restored = policyFromJSON(parsed.data);
     }
-    return undefined;
+    if (!restored) {
+      const what = savedSpec === null ? `the custom policy '${saved.name}'` : `'${saved.name}' ${JSON.stringify(savedSpec)}, which has custom parts`;
+      throw new NanotuneError(
+        "INVALID_CONFIG",
+        `resumeFrom ${path}: the checkpoint's active mask policy is ${what} (active since step ${saved.activatedAt}); ` +
+          `pass that policy as maskPolicy to resume it (this run's is '${configured.name}'${mine === null ? "" : ` ${JSON.stringify(mine)}`})`,
+        { data: { path, policy: saved } },
+      );
+    }
+    this.policy = restored;
+    this.activatedAt = saved.activatedAt;
   }
 
   /** runDir/config.json: the resolved config, the run's record. */
@@ -140,12 +288,29 @@ export class Trainer {
   }
 }
 
-/** The resolved config as JSON (functions are written as "<function>"). */
-function jsonConfig(cfg: ResolvedTrainerConfig): Record<string, unknown> {
+/** NON_FINITE's data ({step, loss, gradNorm}) with the lr the step was tried with. */
+function nonFiniteStep(e: NanotuneError, step: number, lr: number): NonFiniteStep {
+  const d = (e.data ?? {}) as { step?: unknown; loss?: unknown; gradNorm?: unknown };
+  const num = (v: unknown) => (typeof v === "number" ? v : v === null || v === undefined ? null : Number(v));
+  return { step: typeof d.step === "number" ? d.step : step, loss: num(d.loss), gradNorm: num(d.gradNorm), lr };
+}
+
+/** JSON with sorted keys, to compare specs that travelled through a checkpoint. */
+function canonical(v: unknown): string {
+  return JSON.stringify(v, (_k, x) =>
+    x && typeof x === "object" && !Array.isArray(x) ? Object.fromEntries(Object.entries(x as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : 1))) : x,
+  );
+}
+
+/**
+ * The resolved config as JSON: schedules and policies as their specs (their
+ * toJSON()); a function or policy without one as `{type: "custom", name}`.
+ */
+export function jsonConfig(cfg: ResolvedTrainerConfig): Record<string, unknown> {
   return JSON.parse(
     JSON.stringify(cfg, (_k, v) => {
-      if (typeof v === "function") return "<function>";
-      if (v && typeof v === "object" && typeof v.decide === "function") return { policy: v.name };
+      if (typeof v === "function") return { type: "custom", name: v.name || "anonymous" };
+      if (v && typeof v === "object" && typeof v.decide === "function") return { type: "custom", name: String(v.name) };
       return v;
     }),
   );
