@@ -503,7 +503,7 @@ export class Sidecar {
     if (alive() && !this.dead) {
       await this.request("shutdown", {}, { timeoutMs: CLOSE_STEP_MS }).catch(() => undefined);
     }
-    this.kill(new SidecarError("CLOSED", "the sidecar was closed"));
+    this.fail(new SidecarError("CLOSED", "the sidecar was closed"));
     if (alive() && !(await waitExit(CLOSE_STEP_MS))) {
       this.child.kill("SIGTERM");
       if (!(await waitExit(CLOSE_STEP_MS))) {
@@ -511,8 +511,25 @@ export class Sidecar {
         await waitExit(CLOSE_STEP_MS);
       }
     }
-    this.closeSockets();
-    if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
+    this.teardown();
+  }
+
+  /**
+   * Kills the process at once (SIGKILL, no shutdown), rejects pending calls with
+   * CLOSED and removes the socket's temp dir, all before it returns: for a process
+   * that must exit now (a second Ctrl-C). Prefer close(), which lets the sidecar
+   * finish cleanly. Checkpoints stay whole either way: the sidecar swaps a complete
+   * one into place.
+   */
+  kill(): void {
+    this.shuttingDown = true;
+    this.fail(new SidecarError("CLOSED", "the sidecar was killed"));
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already gone
+    }
+    this.teardown();
   }
 
   // ---- internals -------------------------------------------------------------
@@ -681,7 +698,7 @@ export class Sidecar {
       : stacks
         ? "its threads' stacks are in data.stacks"
         : `it gave no thread dump within ${STACK_DUMP_MS} ms of SIGUSR1`;
-    this.kill(
+    this.fail(
       new SidecarError(
         "SIDECAR_UNRESPONSIVE",
         `sidecar (pid ${this.pid}) answered no heartbeat for ${Math.round(silentMs)} ms (heartbeatMs ${this.heartbeatMs} x heartbeatMisses ${this.heartbeatMisses})` +
@@ -691,8 +708,7 @@ export class Sidecar {
       ),
     );
     this.child.kill("SIGKILL"); // a stopped process dies of SIGKILL too
-    this.closeSockets();
-    if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
+    this.teardown();
   }
 
   /** zeromq.js allows one send in flight per socket; this keeps the rest in order. */
@@ -730,7 +746,7 @@ export class Sidecar {
         this.onMessage(envelope!, frames);
       }
     } catch (e) {
-      if (!this.dead) this.kill(new SidecarError("INTERNAL", `receiving from the sidecar failed: ${e}`, { cause: e }));
+      if (!this.dead) this.fail(new SidecarError("INTERNAL", `receiving from the sidecar failed: ${e}`, { cause: e }));
     }
   }
 
@@ -799,7 +815,7 @@ export class Sidecar {
   }
 
   /** Rejects everything pending with `err`, ends event streams; later calls reject with it. */
-  private kill(err: SidecarError) {
+  private fail(err: SidecarError) {
     if (this.dead) return;
     this.dead = err;
     this.disarmHeartbeat();
@@ -810,10 +826,10 @@ export class Sidecar {
 
   private onExit(exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null) {
     if (this.dead) return;
-    if (this.shuttingDown) return this.kill(new SidecarError("CLOSED", "the sidecar was closed"));
+    if (this.shuttingDown) return this.fail(new SidecarError("CLOSED", "the sidecar was closed"));
     const stderr = [...this.stderrTail];
     const busy = [...this.pending.values()].map((p) => p.method);
-    this.kill(
+    this.fail(
       new SidecarError(
         "SIDECAR_CRASHED",
         `sidecar (pid ${this.pid}) ${describeExit(exitInfo)}` +
@@ -822,6 +838,11 @@ export class Sidecar {
         { data: { pid: this.pid, signal: exitInfo?.signal ?? null, exitCode: exitInfo?.code ?? null, stderr } },
       ),
     );
+    this.teardown();
+  }
+
+  /** Closes our sockets and removes the socket's temp dir (synchronously). */
+  private teardown(): void {
     this.closeSockets();
     if (this.tempDir) rmSync(this.tempDir, { recursive: true, force: true });
   }

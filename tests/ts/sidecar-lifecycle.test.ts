@@ -75,6 +75,18 @@ describe("Sidecar lifecycle", () => {
     await sc.close(); // idempotent
   });
 
+  it("kill() ends the process with SIGKILL and removes the temp dir before it returns; pending calls reject with CLOSED", async () => {
+    const sc = await Sidecar.start({ device: "cpu" });
+    const socketDir = dirname(sc.endpoint.slice("ipc://".length));
+    const pending = sc.call("debug.busy", { seconds: 60 }).catch((e: unknown) => e);
+    sc.kill();
+    expect(existsSync(socketDir)).toBe(false); // synchronously
+    expect(((await pending) as SidecarError).code).toBe("CLOSED");
+    expect(await goneWithin(sc.pid, 5000)).toBeLessThan(5000);
+    expect(((await sc.call("ping", {}).catch((e) => e)) as SidecarError).code).toBe("CLOSED");
+    await sc.close(); // still fine afterwards
+  });
+
   it("the sidecar exits within 2 s when its Node parent is killed with SIGKILL", async () => {
     const parentScript = join(dirname(fileURLToPath(import.meta.url)), "fixtures", "parent.ts");
     const parent = spawn(process.execPath, ["--import", "tsx", parentScript], { stdio: ["ignore", "pipe", "inherit"] });

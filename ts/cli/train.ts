@@ -5,10 +5,9 @@
 // Signals: the first SIGINT or SIGTERM lets the step in flight finish, saves a
 // checkpoint (with a runDir), writes run:end reason "interrupted" and exits 130
 // (SIGINT) or 143 (SIGTERM). A second one exits at once with the same codes: the
-// sidecar is killed (a checkpoint it was writing is never torn: the sidecar
-// renames a complete one into place) and its socket directory removed.
-import { rmSync } from "node:fs";
-import { basename, dirname, join } from "node:path";
+// sidecar is killed with Sidecar.kill() (a checkpoint it was writing is never
+// torn: the sidecar swaps a complete one into place) and its socket directory removed.
+import { join } from "node:path";
 import { Sidecar } from "../sidecar.ts";
 import { sinks } from "../sinks/index.ts";
 import { parseConfig } from "../train/config.ts";
@@ -35,7 +34,7 @@ export async function trainCommand(configPath: string, options: { verbose: boole
       abort.abort(new Error(sig));
       return;
     }
-    void exitNow(sidecar, SIGNAL_EXIT[sig]);
+    exitNow(sidecar, SIGNAL_EXIT[sig]);
   };
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
@@ -71,25 +70,8 @@ export async function trainCommand(configPath: string, options: { verbose: boole
   return 0;
 }
 
-/**
- * The second signal: kill the sidecar now and exit. Its socket directory goes too:
- * the Sidecar removes it when it sees the process die; in case the exit comes
- * first, the directory its ipc:// endpoint names (nanotune-* under the temp dir) is removed here.
- */
-async function exitNow(sidecar: Sidecar | null, code: number): Promise<never> {
-  if (sidecar) {
-    const gone = (async () => {
-      for await (const _ of sidecar.events()); // ends when the Sidecar has seen the process exit
-    })();
-    try {
-      process.kill(sidecar.pid, "SIGKILL");
-    } catch {
-      // already gone
-    }
-    await Promise.race([gone, new Promise((r) => setTimeout(r, 500))]);
-    const ipc = /^ipc:\/\/(.+)$/.exec(sidecar.endpoint);
-    const dir = ipc ? dirname(ipc[1]!) : null;
-    if (dir && basename(dir).startsWith("nanotune-")) rmSync(dir, { recursive: true, force: true });
-  }
+/** The second signal: kill the sidecar now (its socket directory goes with it) and exit. */
+function exitNow(sidecar: Sidecar | null, code: number): never {
+  sidecar?.kill();
   process.exit(code);
 }
