@@ -134,6 +134,11 @@ def test_our_errors_become_replies_with_their_code_and_data(sidecar, tmp_path):
     assert err["code"] == "INVALID_PARAMS" and err["data"] == {"field": "params.microBatch"}
     err = c.call("load_model", {"path": "tiny-llama", "device": "gpu7"})[0]["error"]
     assert err["code"] == "INVALID_PARAMS" and err["data"] == {"field": "device"} and "'gpu7'" in err["message"]
+    # A field our code names in snake_case comes back in the wire's camelCase, as the client wrote it.
+    rows = tmp_path / "three.jsonl"
+    rows.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(3)))
+    err = c.call("load_dataset", {"path": str(rows), "evalFraction": 0.99})[0]["error"]
+    assert err["code"] == "INVALID_PARAMS" and err["data"]["field"] == "evalFraction", err
 
 
 def test_control_calls_are_answered_during_a_compute_call_which_cancel_ends(sidecar):

@@ -33,6 +33,7 @@ import logging
 import os
 import pkgutil
 import queue
+import re
 import signal
 import sys
 import threading
@@ -50,6 +51,15 @@ from .dispatch import Cancelled, Context, Deferred, State, Warmup
 from .transport import Codec, CurveKeys, ErrorBody, InvalidEnvelope, Router, scan_request_id
 
 log = logging.getLogger("nanotune.sidecar")
+
+
+def _wire_field(data: Any) -> Any:
+    """Python names fields in snake_case (``data_state.batch_size``); the client wrote
+    them in the wire's camelCase (``dataState.batchSize``), so a reply names them so."""
+    if isinstance(data, dict) and isinstance(data.get("field"), str):
+        camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), data["field"])
+        return {**data, "field": camel}
+    return data
 
 FORCE_CANCEL_AFTER_S = 2.0  # Note [cancellation]
 PARENT_POLL_S = 0.2  # how often the I/O thread checks that the parent lives
@@ -133,7 +143,7 @@ class Runtime:
         if isinstance(e, NanotuneError):
             # Every message names the method; our loaders' errors do not know it.
             prefix = "" if method is None or e.message.startswith(f"{method}:") else f"{method}: "
-            return ErrorBody(e.code, prefix + e.message, e.data)
+            return ErrorBody(e.code, prefix + e.message, _wire_field(e.data))
         method = method or "?"
         if isinstance(e, Cancelled):
             return ErrorBody(ErrorCode.CANCELLED, f"{method}: cancelled")
