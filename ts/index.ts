@@ -10,3 +10,4 @@ export { parseConfig, type TrainerOptions, type ResolvedTrainerConfig, type Sche
 export { schedules, type Schedule, type ScheduleLike, type ScheduleSpec } from "./train/schedules.ts";
 export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions, type PolicySpec } from "./train/policies.ts";
 export { sinks, type Sink, type ProgressOptions, type ConsoleOptions } from "./sinks/index.ts";
+export type { SinkErrorEvent } from "./sinks/buffer.ts";

@@ -5,25 +5,23 @@
 //
 // Without `sinks` the Trainer uses `sinks.defaults(config)`: a progress bar when
 // stderr is a TTY (or `progress: true`) and metrics.jsonl in `runDir` when set.
-// A sink's write() may return a promise; the Trainer awaits it before going on, so
-// a slow sink slows training rather than losing events. An error thrown by a sink
-// ends the run (the Trainer rethrows it): a metrics file that cannot be written is
-// not something to discover after a long run.
+// A sink's write() may return a promise. Each sink gets its own queue, drained in
+// order (buffer.ts): a slow sink does not slow the steps, and the Trainer waits for
+// every queue to drain and every close() at the end of the run, so nothing is lost.
+// A sink that throws or rejects does not end the run: it is reported once as a
+// `sink:error` event (yielded by the Trainer and given to the other sinks) and gets
+// no more events.
 import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import chalk from "chalk";
 import type { TrainerEvent } from "../train/events.ts";
 import { describeEnd, describeNonFinite } from "./describe.ts";
 import { ProgressBar } from "./progress.ts";
+import { tensorboard } from "./tensorboard.ts";
 
-export interface Sink {
-  /** A name for messages ("progress", "jsonl", ...). */
-  readonly name: string;
-  /** Called with every event, in order. */
-  write(event: TrainerEvent): void | Promise<void>;
-  /** Called once when the run ends (also after an error). */
-  close?(): void | Promise<void>;
-}
+import type { Sink } from "./sink.ts";
+
+export type { Sink };
 
 export interface ProgressOptions {
   /** Draw at all; default: when `out` is a TTY. */
@@ -84,6 +82,8 @@ function consoleLines(options: ConsoleOptions = {}): Sink {
           return print(chalk.cyan(`eval @${ev.step}: loss ${ev.loss.toFixed(4)} ppl ${ev.perplexity.toFixed(2)}`));
         case "checkpoint:saved":
           return print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
+        case "sink:error":
+          return print(chalk.red(`sink ${ev.sink} failed @${ev.step}: ${ev.message} (it gets no more events)`));
         case "run:end":
           return print(describeEnd(ev));
       }
@@ -120,4 +120,4 @@ function defaults(config: { runDir?: string | null; progress?: boolean }): Sink[
   return out;
 }
 
-export const sinks = { progress, console: consoleLines, jsonl, defaults } as const;
+export const sinks = { progress, console: consoleLines, jsonl, tensorboard, defaults } as const;

@@ -33,7 +33,7 @@ export interface NonFiniteStep {
  */
 export type RunEndReason = "completed" | "interrupted" | "aborted" | "non-finite" | "failed";
 
-/** In order: run:start, then per step train:step (after policy:swapped, before mask:refreshed, eval, checkpoint:saved) or step:skipped, then run:end. */
+/** In order: run:start, then per step train:step (after policy:swapped, before mask:refreshed, eval, checkpoint:saved) or step:skipped, then run:end; sink:error wherever a sink failed (before run:end). */
 export type TrainerEvent =
   | {
       type: "run:start";
@@ -46,6 +46,8 @@ export type TrainerEvent =
       optimizer: Result<"create_optimizer">;
       /** The active mask policy (restored from the checkpoint when resumed; null with AdamW). */
       policy: PolicyState | null;
+      /** The resolved config as JSON (runDir/config.json's content): schedules and policies as their specs. */
+      config: Record<string, unknown>;
     }
   | ({
       type: "train:step";
@@ -73,6 +75,16 @@ export type TrainerEvent =
   | { type: "mask:refreshed"; step: number; policy: string; decision: MaskDecision }
   | ({ type: "eval" } & Result<"evaluate">)
   | { type: "checkpoint:saved"; step: number; path: string; timeS: number }
+  | {
+      /**
+       * A sink's write() or close() threw or rejected (reported once; that sink gets no
+       * more events, the run goes on). `step`: the step of the event it failed on.
+       */
+      type: "sink:error";
+      sink: string;
+      message: string;
+      step: number;
+    }
   | {
       type: "run:end";
       /** Steps taken (the sidecar's step counter) when the run ended. */

@@ -22,6 +22,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ConfigError, NanotuneError } from "../errors.ts";
 import type { Params, Result, Sidecar } from "../sidecar.ts";
+import { SinkSet } from "../sinks/buffer.ts";
 import { type Sink, sinks as builtinSinks } from "../sinks/index.ts";
 import { parseConfig, PolicyJSON, policyFromJSON, type ResolvedTrainerConfig, toPolicy, toScheduleOption, type TrainerOptions } from "./config.ts";
 import type { NonFiniteStep, PolicyState, RunEndReason, TrainerEvent } from "./events.ts";
@@ -121,9 +122,15 @@ export class Trainer {
     let lastLoss: number | null = null;
     let saved: { step: number; path: string | null } = { step: 0, path: null }; // the last checkpoint (or the one resumed from)
     let generation: number | undefined;
-    const emit = async (ev: TrainerEvent): Promise<TrainerEvent> => {
-      for (const sink of this.sinks) await sink.write(ev);
-      return ev;
+    // Sinks get events through per-sink queues (ts/sinks/buffer.ts): a slow sink does not
+    // slow the steps and a failing one does not end the run; its sink:error is yielded here.
+    // The last event (run:end) waits for every sink to drain and close.
+    const sinks = new SinkSet(this.sinks);
+    const emit = async function* (ev: TrainerEvent): AsyncGenerator<TrainerEvent, void, undefined> {
+      await sinks.write(ev);
+      if (ev.type === "run:end") await sinks.close();
+      yield* sinks.takeErrors();
+      yield ev;
     };
     const end = (reason: RunEndReason, more: Partial<Extract<TrainerEvent, { type: "run:end" }>> = {}): TrainerEvent => ({
       type: "run:end",
@@ -138,7 +145,7 @@ export class Trainer {
       const policy = this.policyState();
       const r = await this.sidecar.call("save_checkpoint", { path, generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
       saved = { step: done, path: r.path };
-      return emit({ type: "checkpoint:saved", step: done, path: r.path, timeS: r.timeS });
+      return { type: "checkpoint:saved", step: done, path: r.path, timeS: r.timeS } as const;
     };
 
     try {
@@ -159,7 +166,7 @@ export class Trainer {
         this.lastDecision = resumed.extra.mask ?? null;
         this.restorePolicy(resumed.extra.policy, path);
       }
-      yield await emit({ type: "run:start", step, totalSteps: cfg.steps, model, data, optimizer, policy: this.policyState() });
+      yield* emit({ type: "run:start", step, totalSteps: cfg.steps, model, data, optimizer, policy: this.policyState(), config: jsonConfig(cfg) });
 
       let inARow = 0; // refused (non-finite) steps in a row
       while (step < cfg.steps && !stopping()) {
@@ -178,10 +185,10 @@ export class Trainer {
           step = refused.step; // Note [step index]: the sidecar did not advance
           if (cfg.onNonFinite === "skip" && inARow < cfg.maxSkips) {
             inARow++;
-            yield await emit({ type: "step:skipped", reason: "non-finite", inARow, ...refused });
+            yield* emit({ type: "step:skipped", reason: "non-finite", inARow, ...refused });
             continue;
           }
-          yield await emit(end("non-finite", { nonFinite: { ...refused, skipped: inARow } }));
+          yield* emit(end("non-finite", { nonFinite: { ...refused, skipped: inARow } }));
           return;
         }
         inARow = 0;
@@ -191,41 +198,41 @@ export class Trainer {
           this.policy = plan.swapTo;
           this.activatedAt = r.step;
           if (this.pendingPolicy === plan.swapTo) this.pendingPolicy = null; // a newer swap stays pending
-          yield await emit({ type: "policy:swapped", step: r.step, from, to: plan.swapTo.name, spec: policySpec(plan.swapTo) });
+          yield* emit({ type: "policy:swapped", step: r.step, from, to: plan.swapTo.name, spec: policySpec(plan.swapTo) });
         }
         if (plan.mask) this.lastDecision = plan.mask;
         step = r.step + 1; // Note [step index]
-        yield await emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: plan.mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
-        if (r.maskRefreshed && plan.mask && this.policy) yield await emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
+        yield* emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: plan.mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
+        if (r.maskRefreshed && plan.mask && this.policy) yield* emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
         const done = step;
         if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(checkpointOnAbort && stopping())) {
-          yield await emit({ type: "eval", ...(await this.sidecar.call("evaluate", { generation }, stepCall)) });
+          yield* emit({ type: "eval", ...(await this.sidecar.call("evaluate", { generation }, stepCall)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
-          yield await save(done);
+          yield* emit(await save(done));
         }
       }
       if (step >= cfg.steps) {
-        yield await emit(end("completed"));
+        yield* emit(end("completed"));
       } else if (checkpointOnAbort) {
-        if (cfg.runDir && step > saved.step) yield await save(step);
-        yield await emit(end("interrupted", { checkpoint: saved.step === step ? saved.path : null }));
+        if (cfg.runDir && step > saved.step) yield* emit(await save(step));
+        yield* emit(end("interrupted", { checkpoint: saved.step === step ? saved.path : null }));
       } else {
-        yield await emit(end("aborted"));
+        yield* emit(end("aborted"));
       }
     } catch (e) {
       if (stopping() && e instanceof NanotuneError && e.code === "CANCELLED") {
-        yield await emit(end(checkpointOnAbort ? "interrupted" : "aborted", checkpointOnAbort ? { checkpoint: null } : {}));
+        yield* emit(end(checkpointOnAbort ? "interrupted" : "aborted", checkpointOnAbort ? { checkpoint: null } : {}));
         return;
       }
       // The sinks learn how the run ended (metrics.jsonl's last line); the iterator throws.
       const error = e instanceof NanotuneError ? { code: e.code, message: e.message.split("\n")[0]! } : { code: "INTERNAL", message: String(e) };
-      for (const sink of this.sinks) await Promise.resolve(sink.write(end("failed", { error }))).catch(() => undefined);
+      await sinks.write(end("failed", { error }));
       throw e;
     } finally {
       this.running = false;
       if (owners.get(this.sidecar) === this) owners.delete(this.sidecar);
-      for (const sink of this.sinks) await sink.close?.();
+      await sinks.close(); // drains every sink's queue first (idempotent after run:end)
     }
   }
 
