@@ -3,25 +3,23 @@
 // mid-save, resumes that equal the uninterrupted run bit for bit (after a live policy
 // swap too), non-finite steps, used run directories, and one run per sidecar.
 import { spawn } from "node:child_process";
-import { existsSync, type FSWatcher, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, watch, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, type FSWatcher, mkdirSync, readdirSync, readFileSync, statSync, watch, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type MaskPolicy, NanotuneError, policies, schedules, Sidecar, Trainer, type TrainerEvent, type TrainerOptions } from "../../ts/index.ts";
-import { demoTasks } from "../../ts/demo.ts";
 // @ts-expect-error plain ESM helper without types
 import { repoRoot } from "../../ts/dev/python.mjs";
+import { cacheEnv, collect, startTinyRun, type StepEvent, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
 let dataPath: string;
-const env = () => ({ NANOTUNE_CACHE: join(dir, "cache") });
-const sidecar = () => Sidecar.start({ device: "cpu", env: env(), onStderr: () => {} });
+const env = () => cacheEnv(dir);
+const quiet = { onStderr: () => {} };
+const sidecar = () => Sidecar.start({ device: "cpu", env: env(), ...quiet });
 
-type StepEvent = Extract<TrainerEvent, { type: "train:step" }>;
 type EndEvent = Extract<TrainerEvent, { type: "run:end" }>;
-const steps = (evs: TrainerEvent[]) => evs.filter((e): e is StepEvent => e.type === "train:step");
 const losses = (evs: TrainerEvent[]) => steps(evs).map((s) => s.loss);
 const endOf = (evs: TrainerEvent[]) => evs.at(-1) as EndEvent;
 
@@ -41,15 +39,6 @@ const base = (over: Partial<TrainerOptions> = {}): TrainerOptions => ({
 });
 /** The uninterrupted run of base() (all 40 steps). */
 let ref: StepEvent[];
-
-async function collect(trainer: Trainer, onEvent?: (ev: TrainerEvent) => unknown, run = trainer.run()): Promise<TrainerEvent[]> {
-  const out: TrainerEvent[] = [];
-  for await (const ev of run) {
-    out.push(ev);
-    await onEvent?.(ev);
-  }
-  return out;
-}
 
 const ckpt = (runDir: string, step: number) => join(runDir, "checkpoints", `step-${String(step).padStart(6, "0")}`);
 
@@ -80,17 +69,11 @@ const metricsOf = (runDir: string) =>
 const resume = (from: string, over: Partial<TrainerOptions> = {}) => collect(new Trainer({ sidecar: sc, ...base(over), resumeFrom: from }));
 
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "nanotune-faults-"));
-  dataPath = join(dir, "double.jsonl");
-  writeFileSync(dataPath, demoTasks(200).double.map((r) => JSON.stringify(r)).join("\n") + "\n");
-  sc = await sidecar();
+  ({ dir, dataPath, sc } = await startTinyRun("nanotune-faults-", quiet));
   ref = steps(await collect(new Trainer({ sidecar: sc, ...base() })));
   expect(ref).toHaveLength(TOTAL);
 });
-afterAll(async () => {
-  await sc?.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+afterAll(() => stopTinyRun({ dir, sc }));
 
 // ---- `nanotune train` and signals -------------------------------------------------
 

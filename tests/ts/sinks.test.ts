@@ -1,30 +1,21 @@
 // Sinks against a real Trainer and sidecar (tiny Llama): buffered sinks that neither
 // block nor kill training, and sinks.tensorboard read back by TensorBoard's own reader.
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { policies, Sidecar, type Sink, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
-import { demoTasks } from "../../ts/demo.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
+import { cacheEnv, startTinyRun, stopTinyRun } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
 let dataPath: string;
-const env = () => ({ NANOTUNE_CACHE: join(dir, "cache") });
+const env = () => cacheEnv(dir);
 
-beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "nanotune-sinks-"));
-  dataPath = join(dir, "double.jsonl");
-  writeFileSync(dataPath, demoTasks(200).double.map((r) => JSON.stringify(r)).join("\n") + "\n");
-  sc = await Sidecar.start({ device: "cpu", env: env() });
-});
-afterAll(async () => {
-  await sc?.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+beforeAll(async () => ({ dir, dataPath, sc } = await startTinyRun("nanotune-sinks-")));
+afterAll(() => stopTinyRun({ dir, sc }));
 
 const config = (extra: Record<string, unknown> = {}) => ({
   model: { path: "tiny-llama", device: "cpu" },

@@ -1,41 +1,21 @@
 // The Trainer against a real sidecar on the tiny Llama preset (issue 4's acceptance).
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError, parseConfig, policies, schedules, Sidecar, SidecarError, Trainer, type TrainerEvent } from "../../ts/index.ts";
 import { main as cli } from "../../ts/cli/index.ts";
-import { demoTasks } from "../../ts/demo.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
+import { cacheEnv, collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
 let dataPath: string;
-const env = () => ({ NANOTUNE_CACHE: join(dir, "cache") });
+const env = () => cacheEnv(dir);
 
-beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), "nanotune-trainer-"));
-  dataPath = join(dir, "double.jsonl");
-  writeFileSync(dataPath, demoTasks(200).double.map((r) => JSON.stringify(r)).join("\n") + "\n");
-  sc = await Sidecar.start({ device: "cpu", env: env() });
-});
-afterAll(async () => {
-  await sc?.close();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function collect(trainer: Trainer, onEvent?: (ev: TrainerEvent) => Promise<void> | void): Promise<TrainerEvent[]> {
-  const out: TrainerEvent[] = [];
-  for await (const ev of trainer.run()) {
-    out.push(ev);
-    await onEvent?.(ev);
-  }
-  return out;
-}
-
-const steps = (evs: TrainerEvent[]) => evs.filter((e): e is Extract<TrainerEvent, { type: "train:step" }> => e.type === "train:step");
+beforeAll(async () => ({ dir, dataPath, sc } = await startTinyRun("nanotune-trainer-")));
+afterAll(() => stopTinyRun({ dir, sc }));
 
 function python(args: string[], extraEnv: Record<string, string> = {}) {
   return spawnSync(pythonExecutable(), args, {
