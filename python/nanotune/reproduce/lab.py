@@ -306,7 +306,7 @@ def write_report(out: Path, name: str, data: dict, md: str, plot: Callable[[Path
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=1))
     md += f"\n![{caption}]({name}.png)\n" if plot(out / f"{name}.png") else \
-        "\n(No plot: matplotlib is missing; `pip install -e .[reproduce]`.)\n"
+        "\n(No plot: matplotlib is missing; `pip install matplotlib`.)\n"
     (out / f"{name}.md").write_text(md)
 
 
