@@ -184,6 +184,31 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       masks: z.array(z.strictObject({ name: z.string(), numel: uint(), indices: TensorRef }).meta({ title: "MaskTensor" })),
     }),
   },
+  sample_weights: {
+    thread: "compute",
+    description:
+      "|w| vs |grad| of one tensor: weights, last-step gradients and mask membership at a fixed random sample of its entries.",
+    params: z.strictObject({
+      generation: generation(),
+      tensor: z.string().min(1).optional().describe("a parameter name (result.tensors); default: the first tensor NanoAdam masks, else the first 2-D one"),
+      count: int().min(1).max(100_000).optional().describe("entries to sample (default 2000; all of them when the tensor has fewer)"),
+    }),
+    result: z.strictObject({
+      tensor: z.string(),
+      shape: z.array(uint()),
+      step: uint().nullable().describe("the sidecar's step counter after the step the gradients come from; null: no step since this tensor was chosen"),
+      // indices: int64 flat indices of the sample, sorted (the same for the same tensor and count);
+      // weights: float32, as the step saw them (before its update), or now when step is null;
+      // grads: float32 gradients of that step (after accumulation, before clipping), null with
+      // sparse gradients or before a step; inMask: uint8, 1 where the entry is in the tensor's
+      // current mask, null for AdamW or a dense tensor.
+      indices: TensorRef,
+      weights: TensorRef,
+      grads: TensorRef.nullable(),
+      inMask: TensorRef.nullable(),
+      tensors: z.array(z.strictObject({ name: z.string(), shape: z.array(uint()), masked: z.boolean() }).meta({ title: "SampleableTensor" })),
+    }),
+  },
   evaluate: {
     thread: "compute",
     description: "Token-mean loss and perplexity on the held-out set.",

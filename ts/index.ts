@@ -11,3 +11,4 @@ export { schedules, type Schedule, type ScheduleLike, type ScheduleSpec } from "
 export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions, type PolicySpec } from "./train/policies.ts";
 export { sinks, type Sink, type ProgressOptions, type ConsoleOptions } from "./sinks/index.ts";
 export type { SinkErrorEvent } from "./sinks/buffer.ts";
+export type { TrainerControl, SampleWeightsOptions, WeightSample } from "./sinks/sink.ts";

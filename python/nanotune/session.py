@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,6 +93,9 @@ from .wire import (
     OptimizerConfig,
     OptimizerGroup,
     RefreshMaskParams,
+    SampleableTensor,
+    SampleWeightsParams,
+    SampleWeightsResult,
     SaveCheckpointParams,
     SaveCheckpointResult,
     SetMaskPolicyParams,
@@ -166,6 +170,7 @@ class Session:
         self.step = 0  # optimizer steps taken
         self.mask: MaskDecision | None = None  # the last mask decision applied
         self.generation = 0  # Note [session generation]
+        self.watch: _Watch | None = None  # the tensor sample_weights samples (Note [weight samples])
 
     def _check_generation(self, p: Any, method: str) -> None:
         got = getattr(p, "generation", None)
@@ -179,6 +184,7 @@ class Session:
         self.loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
                                  gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0)
         self.optimizer, self.optimizer_params, self.step, self.mask = None, None, 0, None  # a new run
+        self.watch = None
         self.generation += 1
         lm, info = self.loaded, self.loaded.info
         return LoadModelResult(path=lm.path, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
@@ -348,6 +354,38 @@ class Session:
         return GetMasksResult(masks=[MaskTensor(name=n, numel=sizes.get(n, 0), indices=m.cpu())
                                      for n, m in masks.items()])
 
+    # ------------------------------------------------------------------ weight samples
+
+    def sample_weights(self, p: SampleWeightsParams | None = None, /, **fields: Any) -> SampleWeightsResult:
+        """Weights, last-step gradients and mask membership of one tensor at a fixed
+        random sample of its entries (Note [weight samples])."""
+        p = params(SampleWeightsParams, p, fields)
+        self._check_generation(p, "sample_weights")
+        lm = self._need_model()
+        named = {n: q for n, q in lm.model.named_parameters() if q.requires_grad}
+        masked = set(self.tensor_names()) if self.optimizer is not None and hasattr(self.optimizer, "masks") else set()
+        choices = [SampleableTensor(name=n, shape=list(q.shape), masked=n in masked) for n, q in named.items()
+                   if q.dim() >= 2]
+        if not choices:
+            raise SessionError("the model has no trainable tensor of 2 or more dimensions to sample", "tensor")
+        name = p.tensor or next((c.name for c in choices if c.masked), choices[0].name)
+        if name not in named:
+            near = [c.name for c in choices if name.split(".")[-1] in c.name][:3] or [c.name for c in choices[:3]]
+            raise SessionError(f"no trainable tensor named {name!r}; for example {', '.join(near)}", "tensor")
+        param, count = named[name], p.count or 2000
+        if self.watch is None or (self.watch.name, self.watch.count) != (name, count) or self.watch.param is not param:
+            self.watch = _Watch(name, param, count)
+        w = self.watch
+        weights = w.weights if w.step is not None else param.detach().reshape(-1)[w.indices.to(param.device)].float().cpu()
+        in_mask = None
+        if name in masked:
+            mask = self.optimizer.masks().get(name)  # absent before the first refresh
+            if mask is not None:
+                in_mask = torch.isin(w.indices, mask.long().cpu()).to(torch.uint8)
+        return SampleWeightsResult(tensor=name, shape=list(param.shape), step=w.step, indices=w.indices,
+                                   weights=weights, grads=w.grads if w.step is not None else None,
+                                   in_mask=in_mask, tensors=choices)
+
     # ------------------------------------------------------------------ training
 
     def train_step(self, p: TrainStepParams | None = None, /, **fields: Any) -> TrainStepResult:
@@ -371,7 +409,8 @@ class Session:
         before = self.mask
         try:
             out = train_step(lm.model, opt, batches, p.lr, grad_clip=p.grad_clip, step=self.step,
-                             pending=None if mask is None else lambda: self._apply_mask(*mask, now=False))
+                             pending=None if mask is None else lambda: self._apply_mask(*mask, now=False),
+                             observe=None if self.watch is None else (lambda w=self.watch: w.observe(self.step)))
         except BaseException:
             self.mask = before  # the optimizer's part came back in train_step
             raise
@@ -486,6 +525,53 @@ class Session:
         if self.data is None:
             raise SessionError("no dataset loaded: call load_dataset first", "data")
         return self.data
+
+
+class _Watch:
+    """The tensor sample_weights looks at, and what the last step showed of it.
+
+    Note [weight samples]: sample_weights answers "|w| vs |grad| of this tensor at the
+    last step" (the paper's star figure, watched live) without a cost for runs that never
+    ask: only the tensor asked for last is watched. Its sample is a fixed set of flat
+    indices (uniform without replacement, seeded by the name and count, so the same
+    entries come back on every call and the points of a live scatter move rather than
+    jump). Each train_step that is applied calls observe() after the loss and gradient
+    norm were found finite and before clipping and the update: it copies the weights and
+    the accumulated gradients at those indices to the CPU (2 x count floats). The first
+    call for a tensor therefore has no gradients (step null); the next step fills them.
+    With NanoAdam's sparse gradients a masked tensor's dense gradient never exists, so
+    its grads are null. A refused step (NON_FINITE) leaves the last sample as it was."""
+
+    def __init__(self, name: str, param: torch.nn.Parameter, count: int):
+        self.name, self.param, self.count = name, param, count
+        self.indices = _sample_indices(param.numel(), count, zlib.crc32(name.encode()) ^ count)
+        self.step: int | None = None  # the session's step counter after the observed step
+        self.weights: torch.Tensor | None = None
+        self.grads: torch.Tensor | None = None
+        self.pending_step = 0
+
+    def observe(self, step: int) -> None:
+        idx = self.indices.to(self.param.device)
+        self.weights = self.param.detach().reshape(-1)[idx].float().cpu()
+        g = self.param.grad
+        self.grads = None if g is None else g.reshape(-1)[idx].float().cpu()
+        self.step = step + 1
+
+
+def _sample_indices(numel: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct flat indices in [0, numel), sorted, int64 (all of them when count >= numel),
+    without materializing a permutation of a large tensor."""
+    if count >= numel:
+        return torch.arange(numel, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    if numel <= 4 * count:
+        picked = torch.randperm(numel, generator=gen)[:count]
+    else:
+        picked = torch.empty(0, dtype=torch.int64)
+        while picked.numel() < count:  # draws with replacement: duplicates are rare when numel > 4 count
+            picked = torch.unique(torch.cat([picked, torch.randint(numel, (2 * count,), generator=gen)]))
+        picked = picked[torch.randperm(picked.numel(), generator=gen)[:count]]
+    return picked.sort().values
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -164,7 +164,8 @@ def _kept_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                batches: Sequence[dict[str, torch.Tensor]], lr: float, grad_clip: float | None = None,
-               pending: Callable[[], Any] | None = None, step: int | None = None) -> dict[str, Any]:
+               pending: Callable[[], Any] | None = None, step: int | None = None,
+               observe: Callable[[], Any] | None = None) -> dict[str, Any]:
     """One optimizer step over gradient-accumulated micro-batches at learning rate `lr`
     (set on every param group). grad_clip: max global grad norm (None = no clipping).
     pending: optimizer bookkeeping that belongs to this step only (the session's mask
@@ -172,6 +173,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     in sparse-gradient mode before backward instead (the hooks gather at the new
     masks), and undone with the rest if the step is refused.
     step: the step's number, for NonFiniteError's data.
+    observe: called once the step is known to be finite, before clipping and the update,
+    while the accumulated gradients are in .grad (Session.sample_weights' watch).
 
     Raises NonFiniteError, leaving weights and optimizer state as they were, when the
     loss or the gradient norm is not finite (Note [non-finite steps]).
@@ -224,6 +227,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         norm_value = rest[0] if rest else None
         if not math.isfinite(loss_value) or (norm_value is not None and not math.isfinite(norm_value)):
             raise NonFiniteError(step, loss_value, norm_value)
+        if observe is not None:  # the gradients as accumulated, before clipping (Session.sample_weights)
+            observe()
         if grad_norm is not None and grad_clip is not None:
             scale = torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, scale.to(grads[0].device))

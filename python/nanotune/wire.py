@@ -114,6 +114,12 @@ class MaskTensor(Model, kw_only=True):
     indices: TensorRef
 
 
+class SampleableTensor(Model, kw_only=True):
+    name: str
+    shape: list[Annotated[int, Meta(ge=0)]]
+    masked: bool
+
+
 class ChatMessage(Model, kw_only=True):
     role: str
     content: str
@@ -337,6 +343,23 @@ class GetMasksResult(Model, kw_only=True):
     masks: list[MaskTensor]
 
 
+class SampleWeightsParams(Model, kw_only=True):
+    generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
+    tensor: Annotated[str, Meta(min_length=1)] | None = None  # a parameter name (result.tensors); default: the first tensor NanoAdam masks, else the first 2-D one
+    count: Annotated[int, Meta(ge=1, le=100000)] | None = None  # entries to sample (default 2000; all of them when the tensor has fewer)
+
+
+class SampleWeightsResult(Model, kw_only=True):
+    tensor: str
+    shape: list[Annotated[int, Meta(ge=0)]]
+    step: Annotated[int, Meta(ge=0)] | None  # the sidecar's step counter after the step the gradients come from; null: no step since this tensor was chosen
+    indices: TensorRef
+    weights: TensorRef
+    grads: TensorRef | None
+    in_mask: TensorRef | None = msgspec.field(name="inMask")
+    tensors: list[SampleableTensor]
+
+
 class EvaluateParams(Model, kw_only=True):
     generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     batch_size: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="batchSize")
@@ -415,6 +438,7 @@ METHODS: dict[str, MethodSpec] = {
     "set_mask_policy": MethodSpec(SetMaskPolicyParams, MaskResult, "compute", "Sets criterion and densities; the masks refresh before the next step (now: at once)."),
     "refresh_mask": MethodSpec(RefreshMaskParams, MaskResult, "compute", "Refreshes every mask now from the current weights (with the given or the last decision)."),
     "get_masks": MethodSpec(GetMasksParams, GetMasksResult, "compute", "Reads the current masks back: flat int32 indices per tensor, as tensor frames."),
+    "sample_weights": MethodSpec(SampleWeightsParams, SampleWeightsResult, "compute", "|w| vs |grad| of one tensor: weights, last-step gradients and mask membership at a fixed random sample of its entries."),
     "evaluate": MethodSpec(EvaluateParams, EvaluateResult, "compute", "Token-mean loss and perplexity on the held-out set."),
     "generate": MethodSpec(GenerateParams, GenerateResult, "compute", "Greedy (temperature 0) or sampled continuation of a prompt or chat messages."),
     "save_checkpoint": MethodSpec(SaveCheckpointParams, SaveCheckpointResult, "compute", "Writes model (an HF directory), optimizer, data position, RNG and step atomically."),

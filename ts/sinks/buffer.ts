@@ -7,7 +7,7 @@
 // gets no more events. close() waits for every queue to drain, then closes each sink,
 // so nothing is lost when a run ends.
 import type { TrainerEvent } from "../train/events.ts";
-import type { Sink } from "./sink.ts";
+import type { Sink, TrainerControl } from "./sink.ts";
 
 export type SinkErrorEvent = Extract<TrainerEvent, { type: "sink:error" }>;
 
@@ -53,6 +53,17 @@ export class SinkSet {
     return (async () => {
       for (const e of full) while (!e.failed && e.queue.length > this.capacity && e.draining) await e.draining;
     })();
+  }
+
+  /** Hands each sink that steers (Sink.attach) the run's controls; one that throws fails like a failed write. */
+  attach(control: TrainerControl): void {
+    for (const e of this.entries) {
+      try {
+        e.sink.attach?.(control);
+      } catch (err) {
+        this.fail(e, err, 0);
+      }
+    }
   }
 
   /** The sink:error events not yet taken (each failure once), oldest first. */

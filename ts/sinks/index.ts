@@ -76,6 +76,10 @@ function consoleLines(options: ConsoleOptions = {}): Sink {
           return;
         case "step:skipped":
           return print(chalk.yellow(`step ${ev.step}: skipped, ${describeNonFinite(ev)} (${ev.inARow} in a row)`));
+        case "run:paused":
+          return print(chalk.yellow(`step ${ev.step}: paused`));
+        case "run:resumed":
+          return print(chalk.yellow(`step ${ev.step}: resumed`));
         case "policy:swapped":
           return print(chalk.magenta(`step ${ev.step}: mask policy ${ev.from ?? "-"} -> ${ev.to}`));
         case "eval":

@@ -22,6 +22,8 @@ export class ProgressBar {
     if (ev.type === "checkpoint:saved") this.print(chalk.green(`checkpoint @${ev.step}: ${ev.path}`));
     if (ev.type === "policy:swapped") this.print(chalk.magenta(`mask policy @${ev.step}: ${ev.from ?? "-"} -> ${ev.to}`));
     if (ev.type === "step:skipped") this.print(chalk.yellow(`step ${ev.step} skipped: ${describeNonFinite(ev)} (${ev.inARow} in a row)`));
+    if (ev.type === "run:paused") this.print(chalk.yellow(`paused before step ${ev.step}`));
+    if (ev.type === "run:resumed") this.print(chalk.yellow(`resumed at step ${ev.step}`));
     if (ev.type === "sink:error") this.print(chalk.red(`sink ${ev.sink} failed @${ev.step}: ${ev.message} (it gets no more events)`));
     if (ev.type === "run:end" && ev.reason !== "completed") this.print(describeEnd(ev));
     if (ev.type !== "train:step") return;

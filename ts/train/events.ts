@@ -33,7 +33,7 @@ export interface NonFiniteStep {
  */
 export type RunEndReason = "completed" | "interrupted" | "aborted" | "non-finite" | "failed";
 
-/** In order: run:start, then per step train:step (after policy:swapped, before mask:refreshed, eval, checkpoint:saved) or step:skipped, then run:end; sink:error wherever a sink failed (before run:end). */
+/** In order: run:start, then per step train:step (after policy:swapped, before mask:refreshed, eval, checkpoint:saved) or step:skipped, run:paused/run:resumed between steps, then run:end; sink:error wherever a sink failed (before run:end). */
 export type TrainerEvent =
   | {
       type: "run:start";
@@ -73,6 +73,12 @@ export type TrainerEvent =
       spec: PolicySpec;
     }
   | { type: "mask:refreshed"; step: number; policy: string; decision: MaskDecision }
+  | {
+      /** trainer.pause() (or the dashboard's pause) took effect: no step runs until run:resumed; `step` is the next step. */
+      type: "run:paused";
+      step: number;
+    }
+  | { type: "run:resumed"; step: number }
   | ({ type: "eval" } & Result<"evaluate">)
   | { type: "checkpoint:saved"; step: number; path: string; timeS: number }
   | {

@@ -18,12 +18,23 @@
 // index again, with the same lr (schedules index by step) and the same mask
 // decision; the sidecar feeds it the next batch (the refused batch is consumed).
 // A policy swap is committed only once a step with it was accepted.
+//
+// Note [steering a run]: setMaskPolicy, pause/resume and stop act between steps,
+// never inside one: a swap takes effect at the next step (policy:swapped names it),
+// pause holds the loop before the next step starts (run:paused, then run:resumed with
+// the same step), and stop ends the run as an abort with checkpointOnAbort does (the
+// step in flight finishes, a checkpoint is saved with a runDir, run:end "interrupted").
+// A sink that steers (the dashboard) gets the same calls through attach(control), so a
+// click and a line of code have the same effect. pause() before run() starts the run
+// paused (after run:start); stop() applies to the run in progress only.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ConfigError, NanotuneError } from "../errors.ts";
 import type { Params, Result, Sidecar } from "../sidecar.ts";
 import { SinkSet } from "../sinks/buffer.ts";
 import { type Sink, sinks as builtinSinks } from "../sinks/index.ts";
+import type { SampleWeightsOptions, TrainerControl, WeightSample } from "../sinks/sink.ts";
+import type { Tensor } from "../tensor.ts";
 import { parseConfig, PolicyJSON, policyFromJSON, type ResolvedTrainerConfig, toPolicy, toScheduleOption, type TrainerOptions } from "./config.ts";
 import type { NonFiniteStep, PolicyState, RunEndReason, TrainerEvent } from "./events.ts";
 import { type MaskDecision, type MaskPolicy, policySpec } from "./policies.ts";
@@ -66,6 +77,12 @@ export class Trainer {
   private lastDecision: MaskDecision | null = null;
   private running = false;
   private readonly sinks: Sink[];
+  private pauseRequested = false;
+  private stopRequested = false;
+  /** Wakes a loop waiting while paused (resume, stop). */
+  private wake: (() => void) | null = null;
+  /** The session generation of the run in progress (sampleWeights carries it). */
+  private generation: number | undefined;
 
   constructor({ sidecar, sinks, ...options }: TrainerInit) {
     this.sidecar = sidecar;
@@ -88,6 +105,59 @@ export class Trainer {
   setMaskPolicy(policy: MaskPolicy): void {
     if (this.initialPolicy === null) throw new NanotuneError("INVALID_ARGUMENT", "setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
     this.pendingPolicy = policy;
+  }
+
+  /** Holds the run before its next step (event run:paused) until resume(); before run(), the run starts paused. */
+  pause(): void {
+    this.pauseRequested = true;
+  }
+
+  /** Lets a paused run go on (event run:resumed). */
+  resume(): void {
+    this.pauseRequested = false;
+    this.wake?.();
+  }
+
+  /** Whether the run is paused or will pause before its next step. */
+  get paused(): boolean {
+    return this.pauseRequested;
+  }
+
+  /**
+   * Stop-and-save: ends the run in progress as an abort with checkpointOnAbort does:
+   * the step in flight finishes, a checkpoint is saved (with a runDir), run:end reason
+   * "interrupted". Also wakes a paused run. No effect when no run is in progress.
+   */
+  stop(): void {
+    if (!this.running) return;
+    this.stopRequested = true;
+    this.wake?.();
+  }
+
+  /**
+   * |w| and |grad| of one tensor at the last step, at a fixed sample of its entries
+   * (the sidecar's sample_weights; the dashboard's scatter). Queued behind the step in
+   * flight when called during a run. The first call for a tensor has no gradients yet
+   * (step null): the sidecar starts watching it and the next step fills them.
+   */
+  async sampleWeights(options: SampleWeightsOptions = {}): Promise<WeightSample> {
+    const r = await this.sidecar.call("sample_weights", { generation: this.generation, tensor: options.tensor, count: options.count });
+    return { ...r, indices: r.indices as Tensor<"int64">, weights: r.weights as Tensor<"float32">, grads: r.grads as Tensor<"float32"> | null, inMask: r.inMask as Tensor<"uint8"> | null };
+  }
+
+  /** What a sink's attach() receives: this Trainer's own steering calls (Note [steering a run]). */
+  private control(): TrainerControl {
+    const self = this;
+    return {
+      setMaskPolicy: (policy) => self.setMaskPolicy(policy),
+      pause: () => self.pause(),
+      resume: () => self.resume(),
+      get paused() {
+        return self.paused;
+      },
+      stop: () => self.stop(),
+      sampleWeights: (options) => self.sampleWeights(options),
+    };
   }
 
   /**
@@ -114,7 +184,10 @@ export class Trainer {
     // Setup calls may be cancelled; once steps run, checkpointOnAbort lets the call in flight finish.
     const setupCall = { signal };
     const stepCall = checkpointOnAbort ? {} : { signal };
-    const stopping = () => signal?.aborted === true;
+    this.stopRequested = false;
+    const stopping = () => signal?.aborted === true || this.stopRequested;
+    // Whether stopping now saves (Note [steering a run]: stop() always does).
+    const saveOnStop = () => checkpointOnAbort || this.stopRequested;
     this.policy = this.initialPolicy;
     this.activatedAt = 0;
     this.lastDecision = null;
@@ -122,10 +195,12 @@ export class Trainer {
     let lastLoss: number | null = null;
     let saved: { step: number; path: string | null } = { step: 0, path: null }; // the last checkpoint (or the one resumed from)
     let generation: number | undefined;
+    this.generation = undefined;
     // Sinks get events through per-sink queues (ts/sinks/buffer.ts): a slow sink does not
     // slow the steps and a failing one does not end the run; its sink:error is yielded here.
     // The last event (run:end) waits for every sink to drain and close.
     const sinks = new SinkSet(this.sinks);
+    sinks.attach(this.control());
     const emit = async function* (ev: TrainerEvent): AsyncGenerator<TrainerEvent, void, undefined> {
       await sinks.write(ev);
       if (ev.type === "run:end") await sinks.close();
@@ -151,13 +226,13 @@ export class Trainer {
     try {
       this.writeConfig();
       const model = await this.sidecar.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, setupCall);
-      generation = model.generation;
+      generation = this.generation = model.generation;
       const dataParams: Params<"load_dataset"> = typeof cfg.data === "string" ? { path: cfg.data } : cfg.data;
       const data = await this.sidecar.call("load_dataset", { ...dataParams, generation }, setupCall);
       const { name, ...optOpts } = cfg.optimizer;
       // NanoAdam without maskInterval refreshes only when told: this loop decides.
       const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts, generation }, setupCall);
-      generation = optimizer.generation;
+      generation = this.generation = optimizer.generation;
       if (cfg.resumeFrom) {
         const path = resolve(cfg.resumeFrom);
         const resumed = await this.sidecar.call("load_checkpoint", { path, generation }, setupCall);
@@ -170,6 +245,12 @@ export class Trainer {
 
       let inARow = 0; // refused (non-finite) steps in a row
       while (step < cfg.steps && !stopping()) {
+        if (this.pauseRequested) {
+          yield* emit({ type: "run:paused", step });
+          while (this.pauseRequested && !stopping()) await this.untilWoken(signal);
+          if (!stopping()) yield* emit({ type: "run:resumed", step });
+          continue;
+        }
         const plan = this.plan(step);
         const lr = this.lr(step, cfg.steps);
         let r: Result<"train_step">;
@@ -205,7 +286,7 @@ export class Trainer {
         yield* emit({ type: "train:step", ...r, policy: this.policy?.name ?? null, mask: plan.mask ?? null, tokensPerS: r.inputTokens / Math.max(r.timeS, 1e-9) });
         if (r.maskRefreshed && plan.mask && this.policy) yield* emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
         const done = step;
-        if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(checkpointOnAbort && stopping())) {
+        if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(saveOnStop() && stopping())) {
           yield* emit({ type: "eval", ...(await this.sidecar.call("evaluate", { generation }, stepCall)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
@@ -214,7 +295,7 @@ export class Trainer {
       }
       if (step >= cfg.steps) {
         yield* emit(end("completed"));
-      } else if (checkpointOnAbort) {
+      } else if (saveOnStop()) {
         if (cfg.runDir && step > saved.step) yield* emit(await save(step));
         yield* emit(end("interrupted", { checkpoint: saved.step === step ? saved.path : null }));
       } else {
@@ -231,9 +312,24 @@ export class Trainer {
       throw e;
     } finally {
       this.running = false;
+      this.stopRequested = false;
       if (owners.get(this.sidecar) === this) owners.delete(this.sidecar);
       await sinks.close(); // drains every sink's queue first (idempotent after run:end)
     }
+  }
+
+  /** Resolves on resume(), stop() or the signal's abort. */
+  private untilWoken(signal: AbortSignal | undefined): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        signal?.removeEventListener("abort", done);
+        this.wake = null;
+        resolve();
+      };
+      this.wake = done;
+      signal?.addEventListener("abort", done, { once: true });
+      if (signal?.aborted) done();
+    });
   }
 
   /** What the next step sends: the mask decision (undefined: the mask stays) and the policy it swaps to, committed once the step is accepted. */

@@ -25,7 +25,7 @@ def session(ctx: Context) -> Session:
 # Each training method of the schema is the Session method of the same name: it takes
 # the method's params Struct and returns its result Struct.
 SESSION_METHODS = ("load_model", "load_dataset", "create_optimizer", "train_step", "set_mask_policy",
-                   "refresh_mask", "get_masks", "evaluate", "generate", "save_checkpoint", "load_checkpoint")
+                   "refresh_mask", "get_masks", "sample_weights", "evaluate", "generate", "save_checkpoint", "load_checkpoint")
 
 
 def _on_session(name: str):
