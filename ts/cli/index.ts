@@ -15,6 +15,7 @@ import { isUserError, NanotuneError } from "../errors.ts";
 import { packageRoot, packageVersion } from "../paths.ts";
 import { doctorCommand } from "./doctor.ts";
 import { evalCommand } from "./eval.ts";
+import { plotCommand } from "./plot.ts";
 import { runPython } from "./python.ts";
 import { setupCommand } from "./setup.ts";
 import { trainCommand } from "./train.ts";
@@ -85,6 +86,26 @@ ${COMMON}`,
     options: {},
     positionals: [1, 1, "a config file"],
     run: ([config]) => evalCommand(config!),
+  },
+  plot: {
+    summary: "plot <runDir>          PNG curves of a run (loss, eval, lr, density; swaps and refreshes marked)",
+    usage: `usage: nanotune plot <runDir> [--out FILE.png]
+
+Draws the curves of a run from <runDir>/metrics.jsonl into a PNG, no browser
+needed: train and eval loss, lr, density, gradient norm and tokens/s against the
+step, with mask-policy swaps (labelled with the new policy), mask refreshes,
+skipped steps and resumes marked; the title names the model and optimizer.
+Matplotlib draws it in the sidecar's Python (see docs/plot.md). A run resumed
+into the same runDir shows its latest timeline: points of steps taken again
+after the resume replace the earlier ones. Prints the PNG's path.
+
+options:
+  --out FILE.png  where the PNG goes (default <runDir>/curves.png)
+  -h, --help      show this help
+  --verbose       print stack traces of errors`,
+    options: { out: { type: "string" } },
+    positionals: [1, 1, "a run directory"],
+    run: ([runDir], values) => plotCommand(runDir!, { out: values.out as string | undefined }),
   },
   demo: {
     summary: "demo                   a short two-task demo on a tiny Llama (what `npm start` runs)",
