@@ -18,6 +18,8 @@ import type { TrainerEvent } from "../train/events.ts";
 import { describeEnd, describeNonFinite } from "./describe.ts";
 import { ProgressBar } from "./progress.ts";
 import { tensorboard } from "./tensorboard.ts";
+import { mlflow } from "./mlflow.ts";
+export type { MlflowOptions } from "./mlflow.ts";
 import { otel } from "./otel.ts";
 export type { OtelOptions } from "./otel.ts";
 
@@ -126,4 +128,4 @@ function defaults(config: { runDir?: string | null; progress?: boolean }): Sink[
   return out;
 }
 
-export const sinks = { progress, console: consoleLines, jsonl, tensorboard, otel, defaults } as const;
+export const sinks = { progress, console: consoleLines, jsonl, tensorboard, otel, mlflow, defaults } as const;
