@@ -2,94 +2,33 @@
 // backend in a temp dir, one server for the file), read back with MLflow's own Python client:
 // params, full metric histories, tags and the run's status, a server that stops answering
 // mid-run (the sink fails once, training completes), and the non-FINISHED statuses.
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { closeSync, openSync, readFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { policies, schedules, type Sidecar, type Sink, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
 import { packageVersion } from "../../ts/paths.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
+import { type MlflowServer, startMlflowServer, waitFor } from "./fixtures/servers.ts";
 import { collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
 let dataPath: string;
-let server: ChildProcess;
+let server: MlflowServer;
 let url: string;
-let serverLog: string;
 const EXPERIMENT = "nanotune-tests";
 
 type EndEvent = Extract<TrainerEvent, { type: "run:end" }>;
 type StartEvent = Extract<TrainerEvent, { type: "run:start" }>;
 
-/** A port nobody listens on now (the OS's pick). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Polls `check` until it returns a value (not undefined), or fails with `what` after `ms`. */
-async function waitFor<T>(what: string, ms: number, check: () => Promise<T | undefined>): Promise<T> {
-  const deadline = performance.now() + ms;
-  for (;;) {
-    const v = await check().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (performance.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
-/** `mlflow server` in its own process group (it spawns uvicorn and workers); resolves once /health answers. */
-async function startServer(): Promise<void> {
-  const port = await freePort();
-  url = `http://127.0.0.1:${port}`;
-  serverLog = join(dir, "mlflow-server.log");
-  const log = openSync(serverLog, "a");
-  server = spawn(
-    pythonExecutable(),
-    ["-m", "mlflow", "server", "--backend-store-uri", `sqlite:///${join(dir, "mlflow.db")}`, "--default-artifact-root", join(dir, "artifacts"), "--host", "127.0.0.1", "--port", String(port), "--workers", "1"],
-    // no background job runner (its huey consumers): the tracking API is all we need
-    { cwd: dir, detached: true, stdio: ["ignore", log, log], env: { ...process.env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION: "false" } },
-  );
-  closeSync(log);
-  let exited = false;
-  server.once("exit", () => (exited = true));
-  await waitFor("mlflow server's /health", 150_000, async () => {
-    if (exited) throw new Error(`mlflow server exited during start:\n${readFileSync(serverLog, "utf8").slice(-2000)}`);
-    const r = await fetch(`${url}/health`, { signal: AbortSignal.timeout(5000) });
-    return r.ok ? true : undefined;
-  }).catch((err) => {
-    if (exited) throw new Error(`mlflow server exited during start:\n${readFileSync(serverLog, "utf8").slice(-2000)}`);
-    throw err;
-  });
-}
-
-/** Signals the server's whole process group; SIGKILL waits until the server process is gone. */
-async function signalServer(signal: NodeJS.Signals): Promise<void> {
-  if (!server?.pid || server.exitCode !== null || server.signalCode !== null) return;
-  const gone = new Promise((r) => server.once("exit", r));
-  try {
-    process.kill(-server.pid, signal);
-  } catch {
-    return; // already gone
-  }
-  if (signal === "SIGKILL") await gone;
-}
-
 beforeAll(async () => {
   ({ dir, dataPath, sc } = await startTinyRun("nanotune-mlflow-"));
-  await startServer();
+  server = await startMlflowServer(dir);
+  url = server.url;
 }, 200_000);
 afterAll(async () => {
-  await signalServer("SIGKILL");
+  await server?.signal("SIGKILL");
   await stopTinyRun({ dir, sc });
 });
 
@@ -317,16 +256,16 @@ describe("sinks.mlflow", () => {
       if (ev.type === "train:step" && ev.step === 1) {
         // once step 1 is on the server, the server stops answering (SIGSTOP); step 2 is then sent to it
         await waitFor("step 1 on the server", 60_000, async () => ((await latestStep("hang", "train/loss")) === 1 ? true : undefined));
-        await signalServer("SIGSTOP");
+        await server.signal("SIGSTOP");
         stoppedAt = performance.now();
       }
       if (ev.type === "train:step" && ev.step === 2) {
         await waitFor("the mlflow sink's failure", 120_000, async () => (seen.some((e) => e.type === "sink:error") ? true : undefined));
         failedAt = performance.now();
-        await signalServer("SIGCONT"); // back before the run ends: the sink must not send its close-time status
+        await server.signal("SIGCONT"); // back before the run ends: the sink must not send its close-time status
       }
     });
-    await signalServer("SIGCONT");
+    await server.signal("SIGCONT");
 
     expect(events.at(-1)).toMatchObject({ type: "run:end", reason: "completed", step: 6 });
     expect(steps(events).map((s) => s.step)).toEqual([0, 1, 2, 3, 4, 5]);
@@ -364,7 +303,7 @@ describe("sinks.mlflow", () => {
     const events = await collect(trainer, async (ev) => {
       if (ev.type === "train:step" && ev.step === 1) {
         await waitFor("step 1 on the server", 60_000, async () => ((await latestStep("gone", "train/loss")) === 1 ? true : undefined));
-        await signalServer("SIGKILL");
+        await server.signal("SIGKILL");
         killedAt = performance.now();
       }
       if (ev.type === "train:step" && ev.step === 2) {

@@ -1,13 +1,12 @@
 // sinks.otel against a real Trainer and sidecar (tiny Llama) and the real OpenTelemetry SDK:
 // what a MetricReader collects equals what the run's events said, and a PrometheusExporter
 // built as in the README serves it on /metrics.
-import { createServer } from "node:net";
-import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { PrometheusExporter } from "@opentelemetry/exporter-prometheus";
 import { DataPointType, MeterProvider, MetricReader, type MetricData } from "@opentelemetry/sdk-metrics";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError, policies, schedules, type Sidecar, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
+import { freePort } from "./fixtures/servers.ts";
 import { collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
 
 let dir: string;
@@ -168,15 +167,6 @@ describe("sinks.otel", () => {
 });
 
 // ---- Prometheus, as the README shows it ----------------------------------------------
-
-/** A port that was free a moment ago (the exporter does not take port 0). */
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve, reject) => srv.once("error", reject).listen(0, "127.0.0.1", resolve));
-  const { port } = srv.address() as AddressInfo;
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
 
 /** A PrometheusExporter whose server is listening (its constructor's callback), retried if the port was taken meanwhile. */
 async function startExporter(): Promise<{ exporter: PrometheusExporter; port: number }> {
