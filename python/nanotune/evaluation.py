@@ -3,19 +3,32 @@ LLM-Adapters-style generative answer extraction, on local task files.
 
 Two ways to score one example with k choices:
 
-- ``mode="loglikelihood"`` (as lm-evaluation-harness does). For each choice i
-  the model scores the continuation c_i given the context x_i:
-      ll_i = sum_t log p(c_i[t] | x_i, c_i[:t])
+- ``mode="loglikelihood"``: lm-evaluation-harness 0.4.x, zero-shot, per example
+  (tests/python/test_evaluation_lm_eval.py checks prompts, log-likelihoods,
+  acc and acc_norm against numbers lm-eval itself computed). Each task builds
+  the harness's prompt: for choice i a context x_i and a continuation
+  " " + choices[i] (Winogrande, a "multiple input" task, varies the context
+  instead: x_i is the sentence up to the blank with option i filled in, and
+  the continuation is the rest of the sentence). Then
+      ll_i     = sum_t log p(c_i[t] | x_i, c_i[:t])
       acc      = [argmax_i ll_i == gold]
-      acc_norm = [argmax_i ll_i / bytes(c_i) == gold]
-  where bytes(c_i) is the UTF-8 byte length of the continuation *string*
-  (not its token count). The harness divides by ``len(c_i)`` in characters;
-  for ASCII text the two are the same. Ties go to the lowest index.
-  Tokenization at the boundary: we tokenize context+continuation together and
-  the context alone, and take the continuation tokens as the tail of the
-  whole beyond the context's length; a trailing space of the context is moved
-  to the continuation first. This is how the harness avoids scoring a token
-  that merged across the boundary as if it were two.
+      acc_norm = [argmax_i ll_i / len(choices[i]) == gold]
+  where len(choices[i]) counts the *characters* (code points) of the choice as
+  the task defines it (``Example.choices``), without the " " delimiter: the
+  answer text for most tasks, "no"/"yes" for BoolQ, and for Winogrande the
+  filled-in context. Ties go to the lowest index (numpy's argmax). lm-eval's
+  stock configs report acc_norm only for HellaSwag, PIQA, ARC and OpenBookQA;
+  for Winogrande, SIQA and BoolQ it is the same formula, which lm-eval computes
+  when asked for that metric.
+  Tokenization, as lm-eval's ``hf`` model does it: all trailing whitespace of
+  the context (spaces, newlines, tabs) is moved to the front of the
+  continuation; context+continuation and the context alone are encoded with the
+  tokenizer's own special tokens (so a Llama context starts with one BOS), and
+  the continuation's tokens are the tail of the whole beyond the context's
+  length, so a token merged across the boundary is not scored as two. An empty
+  context is the prefix token alone (BOS, else EOS) before the continuation
+  encoded without special tokens (lm-eval: not BOS twice). Inputs longer than
+  the model's context window lose tokens on the left.
 - ``mode="generate"`` (as LLM-Adapters' commonsense_evaluate does). The
   example is turned into the commonsense_170k instruction ("Please choose the
   correct answer ... Answer format: answer1/answer2"), wrapped in the Alpaca
@@ -31,6 +44,7 @@ commonsense test layout ``{"instruction", "answer"}`` for any task. See
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +63,7 @@ __all__ = [
     "canonical_task",
     "load_task",
     "loglikelihoods",
+    "loglikelihood_examples",
     "score_loglikelihood",
     "score_generate",
     "extract_answer",
@@ -68,6 +83,7 @@ class Example:
 
     contexts: tuple[str, ...]  # one per choice (Winogrande's differ; others repeat)
     continuations: tuple[str, ...]  # the text scored after each context
+    choices: tuple[str, ...]  # lm-eval's doc_to_choice; acc_norm divides by their lengths in characters
     gold: int  # index of the right choice
     instruction: str  # commonsense_170k instruction, for mode="generate"
     answers: tuple[str, ...]  # answer words of the task format, e.g. ("option1", "option2")
@@ -171,8 +187,10 @@ def _choices_layout(rec: _Record, stem_field: str) -> tuple[str, list[str], list
     return stem, texts, labels
 
 
-def _gold_from_key(rec: _Record, labels: list[str]) -> int:
+def _gold_from_key(rec: _Record, labels: list[str], lstrip: bool = False) -> int:
     key = rec.get("answerKey", (str, int))
+    if lstrip:  # the harness's OpenBookQA target: choices.label.index(answerKey.lstrip())
+        key = str(key).lstrip()
     if str(key) not in labels:
         raise rec.error("answerKey", f"is {key!r}, not one of the choice labels {labels}")
     return labels.index(str(key))
@@ -203,12 +221,13 @@ def _hellaswag(rec: _Record) -> Example:
     else:
         ctx = rec.get("ctx")
     label = rec.data.get("activity_label")
-    query = _hellaswag_clean(f"{label}: {ctx}" if isinstance(label, str) and label else ctx)
+    query = _hellaswag_clean(f"{label}: {ctx}" if isinstance(label, str) else ctx)
     gold = rec.index("label", len(endings))
     endings_clean = [_hellaswag_clean(e) for e in endings]
     return Example(
         contexts=(query,) * len(endings),
         continuations=tuple(" " + e for e in endings_clean),
+        choices=tuple(endings_clean),
         gold=gold,
         instruction="Please choose the correct ending to complete the given sentence: "
         f"{query}{_numbered('Ending', endings_clean)}\n\nAnswer format: "
@@ -225,11 +244,14 @@ def _winogrande(rec: _Record) -> Example:
     gold = rec.index("answer", 2, base=1)
     # Partial scoring (Sakaguchi et al., as the harness does): the context is
     # the sentence up to the blank with the option filled in; both choices
-    # score the same continuation, the rest of the sentence.
+    # score the same continuation, the rest of the sentence. The harness's
+    # "choices" are the filled-in contexts, so acc_norm divides by their lengths.
     before, after = sentence.split("_")
+    contexts = tuple(before + o for o in options)
     return Example(
-        contexts=tuple(before + o for o in options),
+        contexts=contexts,
         continuations=(" " + after.strip(),) * 2,
+        choices=contexts,
         gold=gold,
         instruction="Please choose the correct answer to fill in the blank to complete the given sentence: "
         f"{sentence}{_numbered('Option', options)}\n\nAnswer format: option1/option2",
@@ -246,6 +268,7 @@ def _piqa(rec: _Record) -> Example:
     return Example(
         contexts=(f"Question: {goal}\nAnswer:",) * 2,
         continuations=tuple(" " + s for s in sols),
+        choices=tuple(sols),
         gold=gold,
         instruction=f"Please choose the correct solution to the question: {goal}"
         f"{_numbered('Solution', sols)}\n\nAnswer format: solution1/solution2",
@@ -253,7 +276,7 @@ def _piqa(rec: _Record) -> Example:
     )
 
 
-def _question_choices(rec: _Record, stem_field: str, context: str) -> Example:
+def _question_choices(rec: _Record, stem_field: str, context: str, lstrip_key: bool = False) -> Example:
     """ARC and OpenBookQA: a question with lettered choices and an answerKey;
     `context` frames the question for log-likelihood scoring ({q} is the question)."""
     question, texts, labels = _choices_layout(rec, stem_field)
@@ -261,7 +284,8 @@ def _question_choices(rec: _Record, stem_field: str, context: str) -> Example:
     return Example(
         contexts=(context.format(q=question),) * len(texts),
         continuations=tuple(" " + t for t in texts),
-        gold=_gold_from_key(rec, labels),
+        choices=tuple(texts),
+        gold=_gold_from_key(rec, labels, lstrip_key),
         instruction=f"Please choose the correct answer to the question: {question}"
         f"{_numbered('Answer', texts)}\n\nAnswer format: " + "/".join(answers),
         answers=answers,
@@ -273,7 +297,8 @@ def _arc(rec: _Record) -> Example:
 
 
 def _openbookqa(rec: _Record) -> Example:
-    return _question_choices(rec, "question_stem", "{q}")  # the harness gives OBQA no "Question:" frame
+    # The harness gives OBQA no "Question:" frame: the stem alone is the context.
+    return _question_choices(rec, "question_stem", "{q}", lstrip_key=True)
 
 
 def _siqa(rec: _Record) -> Example:
@@ -283,6 +308,7 @@ def _siqa(rec: _Record) -> Example:
     return Example(
         contexts=(f"Q: {context} {question}\nA:",) * 3,
         continuations=tuple(" " + a for a in answers),
+        choices=tuple(answers),
         gold=gold,
         instruction=f"Please choose the correct answer to the question: {context} {question}"
         f"{_numbered('Answer', answers)}\n\nAnswer format: answer1/answer2/answer3",
@@ -297,13 +323,16 @@ def _boolq(rec: _Record) -> Example:
         answer = bool(answer)  # SuperGLUE export: label 0/1
     if not isinstance(answer, bool):
         raise rec.error("answer", f"should be true/false, got {answer!r:.60}")
-    q = question.rstrip("?")
     return Example(
-        contexts=(f"{passage}\nQuestion: {q}?\nAnswer:",) * 2,
+        # The harness's template appends '?' to the question as it is (the
+        # dataset's questions have none), so "is it hot?" gives "is it hot??".
+        contexts=(f"{passage}\nQuestion: {question}?\nAnswer:",) * 2,
         continuations=(" no", " yes"),
+        choices=("no", "yes"),
         gold=int(answer),
         # LLM-Adapters' boolq instruction carries the question only, no passage.
-        instruction=f"Please answer the following question with true or false, question: {q}?"
+        instruction="Please answer the following question with true or false, "
+        f"question: {question.rstrip('?')}?"
         "\n\nAnswer format: true/false",
         answers=("false", "true"),
     )
@@ -327,6 +356,7 @@ def _llm_adapters(rec: _Record) -> Example:
     return Example(
         contexts=(context,) * len(answers),
         continuations=tuple(" " + a for a in answers),
+        choices=answers,
         gold=answers.index(answer.strip()),
         instruction=instruction,
         answers=answers,
@@ -393,24 +423,63 @@ def load_task(name: str, path: str | Path, limit: int | None = None) -> list[Exa
 # Log-likelihood scoring
 
 
+_TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no model_max_length"
+
+
+def _prefix_token_id(tokenizer) -> int | None:
+    """The token an empty context stands for: BOS, else EOS (lm-eval's prefix_token_id)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _tok_encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """lm-eval's HFLM.tok_encode: the tokenizer's own special tokens by default
+    (BOS for Llama), none when ``text`` already starts with the prefix token."""
+    if add_special_tokens is None:
+        prefix = _prefix_token_id(tokenizer)
+        if prefix is not None and text.startswith(tokenizer.decode(prefix)):
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation), split where tokenizing the whole
-    string puts the context's end (see the module docstring)."""
-    n_spaces = len(context) - len(context.rstrip(" "))
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"] if context else []
-    if not ctx:
-        # Nothing to condition the first token on: start from BOS (or EOS).
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if start is None:
+    """Token ids of (context, continuation) as lm-eval 0.4's ``hf`` model makes
+    them (see the module docstring)."""
+    if context == "":
+        prefix = _prefix_token_id(tokenizer)
+        if prefix is None:
             raise ValueError("empty context and the tokenizer has neither bos_token_id nor eos_token_id")
-        return [start], whole
+        cont = _tok_encode(tokenizer, continuation, add_special_tokens=False)
+        if cont and cont[0] == prefix:  # the continuation brings its own BOS: it is the context
+            ctx, cont = cont[:1], cont[1:]
+        else:
+            ctx = [prefix]
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
+        return ctx, cont
+    n_ws = len(context) - len(context.rstrip())
+    if n_ws:
+        context, continuation = context[:-n_ws], context[-n_ws:] + continuation
+    if not context:
+        raise ValueError(f"context {context + continuation[:n_ws]!r} is only whitespace (lm-eval refuses it too)")
+    whole = _tok_encode(tokenizer, context + continuation)
+    ctx = _tok_encode(tokenizer, context)
     cont = whole[len(ctx):]
-    if not cont:
+    if not ctx or not cont:
         raise ValueError(f"continuation {continuation!r} tokenizes to nothing after context {context[-40:]!r}")
     return ctx, cont
+
+
+def _max_length(model, tokenizer) -> int:
+    """The context window as lm-eval resolves it: the config's n_positions /
+    max_position_embeddings / n_ctx, else the tokenizer's model_max_length, else 2048."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit != _TOKENIZER_INFINITY else 2048
 
 
 @torch.no_grad()
@@ -421,10 +490,10 @@ def loglikelihoods(
 
     Batched: requests are sorted longest first, right-padded, and the context
     is cut from the left when context+continuation exceeds ``max_length``
-    (default: the model's max_position_embeddings, else 2048).
+    (default: as lm-eval resolves it from the config and tokenizer).
     """
     if max_length is None:
-        max_length = getattr(model.config, "max_position_embeddings", None) or 2048
+        max_length = _max_length(model, tokenizer)
     device = next(model.parameters()).device
     encoded = [_encode_pair(tokenizer, c, x) for c, x in requests]
     # One forward pass sees tokens[:-1] and predicts tokens[1:].
@@ -462,21 +531,34 @@ def loglikelihoods(
     return result
 
 
-def score_loglikelihood(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict:
-    """{acc, acc_norm, n} over ``examples`` (definitions in the module docstring)."""
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first on ties (numpy's argmax)."""
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def loglikelihood_examples(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> list[dict]:
+    """Per example what lm-eval logs for it: {loglikelihoods (one per choice),
+    pred, pred_norm, acc, acc_norm} (definitions in the module docstring)."""
     requests = [(c, x) for ex in examples for c, x in zip(ex.contexts, ex.continuations)]
     lls = loglikelihoods(model, tokenizer, requests, batch_size=batch_size)
-    hits = hits_norm = 0
-    pos = 0
+    out, pos = [], 0
     for ex in examples:
         k = len(ex.continuations)
         ll = lls[pos:pos + k]
         pos += k
-        norm = [v / max(1, len(x.encode("utf-8"))) for v, x in zip(ll, ex.continuations)]
-        hits += int(max(range(k), key=lambda i: ll[i]) == ex.gold)
-        hits_norm += int(max(range(k), key=lambda i: norm[i]) == ex.gold)
-    n = len(examples)
-    return {"acc": hits / n, "acc_norm": hits_norm / n, "n": n}
+        # ll <= 0, so an empty choice (length 0) scores -inf, as numpy's ll / 0.0 does.
+        norm = [v / len(c) if c else -math.inf for v, c in zip(ll, ex.choices)]
+        pred, pred_norm = _argmax(ll), _argmax(norm)
+        out.append({"loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm,
+                    "acc": float(pred == ex.gold), "acc_norm": float(pred_norm == ex.gold)})
+    return out
+
+
+def score_loglikelihood(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict:
+    """{acc, acc_norm, n} over ``examples``: the means of ``loglikelihood_examples``."""
+    per = loglikelihood_examples(model, tokenizer, examples, batch_size=batch_size)
+    n = len(per)
+    return {"acc": sum(r["acc"] for r in per) / n, "acc_norm": sum(r["acc_norm"] for r in per) / n, "n": n}
 
 
 # ---------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_random_llama_matches_direct_forward_passes(tokenizer, tmp_path):
         ctx = f"Question: {r['goal']}\nAnswer:"
         conts = [" " + r["sol1"], " " + r["sol2"]]
         ll = [direct_ll(model, tokenizer, ctx, c) for c in conts]
-        norm = [v / len(c.encode()) for v, c in zip(ll, conts)]
+        norm = [v / len(r[k]) for v, k in zip(ll, ("sol1", "sol2"))]  # characters, no delimiter
         acc += int(max((0, 1), key=lambda i: ll[i]) == r["label"])
         acc_norm += int(max((0, 1), key=lambda i: norm[i]) == r["label"])
         batched = loglikelihoods(model, tokenizer, [(ctx, c) for c in conts], batch_size=3)
@@ -220,14 +220,14 @@ def test_random_llama_matches_direct_forward_passes(tokenizer, tmp_path):
 
 def test_acc_and_acc_norm_disagree_on_lengths(tokenizer, tmp_path):
     """Near-uniform random model: every token costs about log V nats. A 1-token
-    choice wins the sum; a 3-token, 48-byte choice wins per byte."""
+    choice wins the sum; a 3-token, 47-character choice wins per character."""
     model = tiny_llama(len(tokenizer), seed=1)
     long = "extraordinarily extraordinarily extraordinarily"
     assert len(tokenizer(" " + long)["input_ids"]) <= 4
     records = [{"question": "Pick", "choices": {"text": ["x", long], "label": ["A", "B"]}, "answerKey": "B"}]
     path = write_jsonl(tmp_path / "arc.jsonl", records)
     ll = [direct_ll(model, tokenizer, "Question: Pick\nAnswer:", " " + c) for c in ("x", long)]
-    assert ll[0] > ll[1] and ll[0] / 2 < ll[1] / (len(long) + 1)
+    assert ll[0] > ll[1] and ll[0] / 1 < ll[1] / len(long)
     assert evaluate_tasks(model, tokenizer, {"arc_easy": path}) == {"arc_easy": {"acc": 0.0, "acc_norm": 1.0, "n": 1}}
 
 
@@ -286,3 +286,13 @@ def test_command_line_prints_table(tokenizer, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "m"), "--task", "boolq"])
     assert "expected NAME=PATH" in capsys.readouterr().err
+
+
+def test_context_whitespace_moves_to_the_continuation(tokenizer):
+    """As lm-eval: all trailing whitespace of the context (not only spaces) is
+    scored as the start of the continuation; a context of whitespace alone is refused."""
+    model = tiny_llama(len(tokenizer), seed=2)
+    moved, explicit = loglikelihoods(model, tokenizer, [("Answer:\n\t ", "yes"), ("Answer:", "\n\t yes")])
+    assert moved == pytest.approx(explicit, abs=1e-5)
+    with pytest.raises(ValueError, match="only whitespace"):
+        loglikelihoods(model, tokenizer, [(" \n", " yes")])
