@@ -93,7 +93,16 @@ describe("steering a run", () => {
 
   it("a sink's attach(control) steers exactly like the Trainer's own calls; a throwing attach is one sink:error", async () => {
     let control: TrainerControl | null = null;
-    const steering: Sink = { name: "steering", write() {}, attach: (c) => void (control = c) };
+    const sampled: (number | null)[] = [];
+    // It samples on every step from its own queue, so its calls meet the Trainer's train_step
+    // in flight: the Trainer queues them (Note [one call at a time]) instead of the sidecar refusing one (BUSY).
+    const steering: Sink = {
+      name: "steering",
+      async write(ev) {
+        if (ev.type === "train:step") sampled.push((await control!.sampleWeights({ count: 50 })).step);
+      },
+      attach: (c) => void (control = c),
+    };
     const broken: Sink = { name: "broken", write() {}, attach: () => { throw new Error("cannot attach"); } };
     const trainer = new Trainer({ sidecar: sc, ...config({ sinks: [steering, broken] }) });
     const evs = await collect(trainer, (ev) => {
@@ -104,5 +113,7 @@ describe("steering a run", () => {
     const refreshed = evs.filter((e) => e.type === "mask:refreshed").map((e) => e.type === "mask:refreshed" && [e.step, e.policy]);
     expect(refreshed).toEqual([[0, "smallWeights"], [3, "smallWeights"], [5, "random"]]);
     expect(evs.filter((e) => e.type === "sink:error")).toEqual([{ type: "sink:error", sink: "broken", message: "cannot attach", step: 0 }]);
+    expect(sampled.length).toBe(8);
+    expect(sampled.filter((s) => s !== null).length).toBeGreaterThan(0);
   });
 });

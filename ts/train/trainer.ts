@@ -30,7 +30,8 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ConfigError, NanotuneError } from "../errors.ts";
-import type { Params, Result, Sidecar } from "../sidecar.ts";
+import type { CallOptions, Params, Result, Sidecar } from "../sidecar.ts";
+import type { MethodName } from "../../protocol/schema.ts";
 import { SinkSet } from "../sinks/buffer.ts";
 import { type Sink, sinks as builtinSinks } from "../sinks/index.ts";
 import type { SampleWeightsOptions, TrainerControl, WeightSample } from "../sinks/sink.ts";
@@ -83,6 +84,8 @@ export class Trainer {
   private wake: (() => void) | null = null;
   /** The session generation of the run in progress (sampleWeights carries it). */
   private generation: number | undefined;
+  /** The tail of this Trainer's sidecar calls (Note [one call at a time]). */
+  private lastCall: Promise<unknown> = Promise.resolve();
 
   constructor({ sidecar, sinks, ...options }: TrainerInit) {
     this.sidecar = sidecar;
@@ -141,7 +144,7 @@ export class Trainer {
    * (step null): the sidecar starts watching it and the next step fills them.
    */
   async sampleWeights(options: SampleWeightsOptions = {}): Promise<WeightSample> {
-    const r = await this.sidecar.call("sample_weights", { generation: this.generation, tensor: options.tensor, count: options.count });
+    const r = await this.call("sample_weights", { generation: this.generation, tensor: options.tensor, count: options.count });
     return { ...r, indices: r.indices as Tensor<"int64">, weights: r.weights as Tensor<"float32">, grads: r.grads as Tensor<"float32"> | null, inMask: r.inMask as Tensor<"uint8"> | null };
   }
 
@@ -218,24 +221,24 @@ export class Trainer {
     const save = async (done: number) => {
       const path = join(resolve(cfg.runDir!), "checkpoints", `step-${String(done).padStart(6, "0")}`);
       const policy = this.policyState();
-      const r = await this.sidecar.call("save_checkpoint", { path, generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
+      const r = await this.call("save_checkpoint", { path, generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
       saved = { step: done, path: r.path };
       return { type: "checkpoint:saved", step: done, path: r.path, timeS: r.timeS } as const;
     };
 
     try {
       this.writeConfig();
-      const model = await this.sidecar.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, setupCall);
+      const model = await this.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, setupCall);
       generation = this.generation = model.generation;
       const dataParams: Params<"load_dataset"> = typeof cfg.data === "string" ? { path: cfg.data } : cfg.data;
-      const data = await this.sidecar.call("load_dataset", { ...dataParams, generation }, setupCall);
+      const data = await this.call("load_dataset", { ...dataParams, generation }, setupCall);
       const { name, ...optOpts } = cfg.optimizer;
       // NanoAdam without maskInterval refreshes only when told: this loop decides.
-      const optimizer = await this.sidecar.call("create_optimizer", { name, ...optOpts, generation }, setupCall);
+      const optimizer = await this.call("create_optimizer", { name, ...optOpts, generation }, setupCall);
       generation = this.generation = optimizer.generation;
       if (cfg.resumeFrom) {
         const path = resolve(cfg.resumeFrom);
-        const resumed = await this.sidecar.call("load_checkpoint", { path, generation }, setupCall);
+        const resumed = await this.call("load_checkpoint", { path, generation }, setupCall);
         step = resumed.step;
         saved = { step, path: resumed.path };
         this.lastDecision = resumed.extra.mask ?? null;
@@ -255,7 +258,7 @@ export class Trainer {
         const lr = this.lr(step, cfg.steps);
         let r: Result<"train_step">;
         try {
-          r = await this.sidecar.call(
+          r = await this.call(
             "train_step",
             { generation, lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask: plan.mask },
             stepCall,
@@ -287,7 +290,7 @@ export class Trainer {
         if (r.maskRefreshed && plan.mask && this.policy) yield* emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
         const done = step;
         if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(saveOnStop() && stopping())) {
-          yield* emit({ type: "eval", ...(await this.sidecar.call("evaluate", { generation }, stepCall)) });
+          yield* emit({ type: "eval", ...(await this.call("evaluate", { generation }, stepCall)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
           yield* emit(await save(done));
@@ -316,6 +319,21 @@ export class Trainer {
       if (owners.get(this.sidecar) === this) owners.delete(this.sidecar);
       await sinks.close(); // drains every sink's queue first (idempotent after run:end)
     }
+  }
+
+  /**
+   * Note [one call at a time]: the sidecar runs one compute call at a time and refuses a
+   * second one while the first runs (BUSY). The loop's own calls are sequential, but
+   * sampleWeights() comes from elsewhere (a sink, user code) at any moment, so every call
+   * this Trainer makes goes through this queue: each starts when the previous one ended,
+   * whatever its outcome. A call waiting here is not yet sent, so its signal still
+   * cancels it before it starts (Sidecar.call checks it first).
+   */
+  private call<M extends MethodName>(method: M, params: Params<M>, options?: CallOptions): Promise<Result<M>> {
+    const run = () => this.sidecar.call(method, params, options);
+    const next = this.lastCall.then(run, run);
+    this.lastCall = next.catch(() => undefined);
+    return next;
   }
 
   /** Resolves on resume(), stop() or the signal's abort. */
