@@ -9,6 +9,6 @@ export type { TrainerEvent, TrainerEventType, RunEndReason, PolicyState, NonFini
 export { parseConfig, type TrainerOptions, type ResolvedTrainerConfig, type ScheduleJSON, type PolicyJSON } from "./train/config.ts";
 export { schedules, type Schedule, type ScheduleLike, type ScheduleSpec } from "./train/schedules.ts";
 export { policies, type MaskPolicy, type MaskDecision, type Criterion, type RefreshContext, type BuiltinPolicyOptions, type PolicySpec } from "./train/policies.ts";
-export { sinks, type Sink, type ProgressOptions, type ConsoleOptions, type OtelOptions, type MlflowOptions } from "./sinks/index.ts";
+export { sinks, type Sink, type ProgressOptions, type ConsoleOptions, type OtelOptions, type MlflowOptions, type DashboardOptions, type DashboardSink } from "./sinks/index.ts";
 export type { SinkErrorEvent } from "./sinks/buffer.ts";
 export type { TrainerControl, SampleWeightsOptions, WeightSample } from "./sinks/sink.ts";

@@ -48,7 +48,7 @@ options:
 const COMMANDS: Record<string, Command> = {
   train: {
     summary: "train <config.json>    finetune as a JSON config says (see examples/finetune/config.json)",
-    usage: `usage: nanotune train <config.json>
+    usage: `usage: nanotune train <config.json> [--dashboard [--port N]]
 
 Finetunes with the Trainer as the config says: the Trainer's options as JSON
 ({model, data, optimizer, steps, microBatch, gradAccum, lr, gradClip, maskPolicy,
@@ -66,10 +66,30 @@ Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint (with
 runDir) and exits 130 or 143; a second one exits at once. A step whose loss or
 gradient norm is not finite ends the run with exit code 1 (onNonFinite "stop",
 the default; "skip" skips up to maxSkips such steps in a row).
-${COMMON}`,
-    options: {},
+
+--dashboard serves a live page of the run on 127.0.0.1 and prints its URL, which
+carries a random access token (every request without it gets 403): loss and eval
+loss, lr, density, gradient norm and tokens/s, refreshes and policy swaps, a
+|w| vs |grad| scatter of a chosen tensor, and controls: switch the mask policy,
+pause/resume, stop-and-save (as the first Ctrl-C, but the exit code is 0). The
+server closes when the run ends. See docs/dashboard.md.
+
+options:
+  --dashboard    serve the live dashboard (its URL goes to stderr)
+  --port N       the dashboard's port (default: any free port)
+  -h, --help     show this help
+  --verbose      print stack traces of errors`,
+    options: { dashboard: { type: "boolean" }, port: { type: "string" } },
     positionals: [1, 1, "a config file"],
-    run: ([config], _values, verbose) => trainCommand(config!, { verbose }),
+    run([config], values, verbose) {
+      let port: number | undefined;
+      if (values.port !== undefined) {
+        if (!values.dashboard) throw new NanotuneError("INVALID_ARGUMENT", "train: --port needs --dashboard");
+        port = Number(values.port);
+        if (!/^\d+$/.test(String(values.port)) || port > 65535) throw new NanotuneError("INVALID_ARGUMENT", `train: --port must be an integer in 0..65535, got '${values.port}'`);
+      }
+      return trainCommand(config!, { verbose, dashboard: values.dashboard ? { port } : undefined });
+    },
   },
   eval: {
     summary: "eval <config.json>     per-task accuracy on local benchmark files",

@@ -7,6 +7,10 @@
 // (SIGINT) or 143 (SIGTERM). A second one exits at once with the same codes: the
 // sidecar is killed with Sidecar.kill() (a checkpoint it was writing is never
 // torn: the sidecar swaps a complete one into place) and its socket directory removed.
+//
+// --dashboard adds sinks.dashboard (ts/dashboard/): its URL, with the access token, goes
+// to stderr before the sidecar starts; its stop-and-save ends the run as the first signal
+// does (checkpoint, run:end "interrupted") but exits 0: the user asked for it.
 import { join } from "node:path";
 import { Sidecar } from "../sidecar.ts";
 import { sinks } from "../sinks/index.ts";
@@ -19,11 +23,20 @@ import { loadTrainConfig } from "./config.ts";
 const SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 } as const;
 type StopSignal = keyof typeof SIGNAL_EXIT;
 
-/** Resolves with the exit code: 0 completed, 1 non-finite, 130/143 interrupted by SIGINT/SIGTERM. */
-export async function trainCommand(configPath: string, options: { verbose: boolean }): Promise<number> {
-  void options; // errors (and --verbose traces) are printed by main()
+export interface TrainCommandOptions {
+  verbose: boolean;
+  /** --dashboard [--port N]: sinks.dashboard on 127.0.0.1 (port 0 or undefined: any free one). */
+  dashboard?: { port?: number };
+}
+
+/** Resolves with the exit code: 0 completed (or stopped from the dashboard), 1 non-finite, 130/143 interrupted by SIGINT/SIGTERM. */
+export async function trainCommand(configPath: string, options: TrainCommandOptions): Promise<number> {
+  // errors (and --verbose traces) are printed by main()
   const config = parseConfig(loadTrainConfig(configPath), configPath);
   prepareRunDir(config, configPath, false); // a used runDir fails before the sidecar starts
+  // the dashboard listens (and prints its URL) before the sidecar starts: a port in use fails first
+  const dashboard = options.dashboard ? sinks.dashboard({ port: options.dashboard.port ?? 0, print: false }) : null;
+  if (dashboard) process.stderr.write(`nanotune: dashboard at ${await dashboard.listening}\n`);
   const abort = new AbortController();
   let received: StopSignal | null = null;
   let sidecar: Sidecar | null = null;
@@ -48,17 +61,20 @@ export async function trainCommand(configPath: string, options: { verbose: boole
       sinks: [
         (config.progress ?? process.stderr.isTTY) ? sinks.progress({ enabled: true }) : sinks.console(),
         ...(config.runDir ? [sinks.jsonl(join(config.runDir, "metrics.jsonl"))] : []),
+        ...(dashboard ? [dashboard] : []),
       ],
     });
     for await (const ev of trainer.run({ signal: abort.signal, checkpointOnAbort: true })) {
       if (ev.type === "run:end") end = ev; // the sinks report every event
     }
   } finally {
+    await dashboard?.close(); // closed with the run already; not if the sidecar never started
     await sidecar?.close();
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
   }
-  if (end?.reason === "interrupted" || end?.reason === "aborted") return SIGNAL_EXIT[received ?? "SIGINT"];
+  // without a signal, "interrupted" is the dashboard's stop-and-save: asked for, so 0
+  if (end?.reason === "interrupted" || end?.reason === "aborted") return received === null ? 0 : SIGNAL_EXIT[received];
   if (end?.reason === "non-finite") {
     const d = end.nonFinite;
     process.stderr.write(

@@ -21,6 +21,8 @@ import { tensorboard } from "./tensorboard.ts";
 import { mlflow } from "./mlflow.ts";
 export type { MlflowOptions } from "./mlflow.ts";
 import { otel } from "./otel.ts";
+import { dashboard } from "../dashboard/server.ts";
+export type { DashboardOptions, DashboardSink } from "../dashboard/server.ts";
 export type { OtelOptions } from "./otel.ts";
 
 import type { Sink } from "./sink.ts";
@@ -128,4 +130,4 @@ function defaults(config: { runDir?: string | null; progress?: boolean }): Sink[
   return out;
 }
 
-export const sinks = { progress, console: consoleLines, jsonl, tensorboard, otel, mlflow, defaults } as const;
+export const sinks = { progress, console: consoleLines, jsonl, tensorboard, otel, mlflow, dashboard, defaults } as const;
