@@ -12,6 +12,7 @@ beside the ``foreach`` fast path (tests compare the two).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -248,9 +249,12 @@ def nano_adam(
 
     ``grads[i]`` is the gradient at ``idxs[i]`` (already gathered, fp32) or the
     dense gradient when ``idxs[i]`` is None (a dense-group tensor). Moments are
-    kept in their own dtype and computed in fp32. ``steps`` are already
-    incremented. Only ``params[i].view(-1)[idxs[i]]`` is written: every other
-    entry stays bit-identical.
+    kept in their own dtype and computed in fp32. ``steps[i]`` is the step count
+    bias correction uses, already incremented: a number or 0-d tensor (the same
+    for every entry of the tensor) or a 1-d int tensor aligned with the gathered
+    entries (each entry's own count; Note [bias correction]). Only
+    ``params[i].view(-1)[idxs[i]]`` is written: every other entry stays
+    bit-identical.
     """
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
               bias_correction=bias_correction)
@@ -282,11 +286,53 @@ def _scatter_param(p: Tensor, idx: Tensor | None, value: Tensor) -> None:
         flat[idx] = value.to(p.dtype)
 
 
-def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float, bias_correction: bool):
+def _age_cap(beta1: float, beta2: float) -> int:
+    """The count A from which Adam's bias correction no longer changes an fp32 bit
+    (Note [bias correction]): beta1**A <= 2**-55 makes 1 - beta1**A exactly 1 in
+    fp64, beta2**A <= 2**-26 makes sqrt(1 - beta2**A) round to 1 in fp32."""
+
+    def cap(beta: float, bits: int) -> int:
+        return 1 if beta == 0 else math.ceil(bits * math.log(2) / -math.log(beta))
+
+    return max(1, cap(beta1, 55), cap(beta2, 26))
+
+
+@functools.lru_cache(maxsize=16)
+def _power_table(beta1: float, beta2: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """beta1**a and beta2**a for a = 0.._age_cap, fp64 on ``device``. Python floats, the
+    same powers torch.optim.Adam takes, so per-entry factors equal its per-step ones."""
+    n = _age_cap(beta1, beta2) + 1
+    return (torch.tensor([beta1**a for a in range(n)], dtype=torch.float64, device=device),
+            torch.tensor([beta2**a for a in range(n)], dtype=torch.float64, device=device))
+
+
+def _step_scalars(step: Tensor | int, lr: float, beta1: float, beta2: float, bias_correction: bool):
+    """(step size, sqrt(1 - beta2**step)) for ``step``: numbers for a number, fp32
+    vectors for a 1-d tensor of per-entry counts (looked up in _factor_table)."""
     if not bias_correction:
         return lr, 1.0
+    if torch.is_tensor(step) and step.dim() == 1:
+        step_size, bc2_sqrt = _factor_table(lr, beta1, beta2, step.device)
+        a = step.clamp(max=step_size.numel() - 1)  # counts >= the cap: identical fp32 factors
+        return step_size[a], bc2_sqrt[a]
     t = float(step)
     return lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
+
+
+@functools.lru_cache(maxsize=4)  # lr changes every step: one entry serves all tensors of a step
+def _factor_table(lr: float, beta1: float, beta2: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """fp32 lr / (1 - beta1**a) and sqrt(1 - beta2**a) for a = 0.._age_cap (entry 0 unused)."""
+    p1, p2 = _power_table(beta1, beta2, device)
+    return (lr / (1 - p1)).to(torch.float32), (1 - p2).sqrt_().to(torch.float32)
+
+
+def _apply_update(theta: Tensor, m: Tensor, denom: Tensor, step_size: float | Tensor) -> None:
+    # theta - step_size * m / denom, rounded as torch.optim.Adam's addcdiv_ does
+    # ((value * m) / denom on the CPU); a per-entry step size multiplies m first.
+    if torch.is_tensor(step_size):
+        theta.addcdiv_(m * step_size, denom, value=-1)
+    else:
+        theta.addcdiv_(m, denom, value=-step_size)
 
 
 def _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1,
@@ -304,7 +350,7 @@ def _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, 
         theta = _gather_param(p, idx)
         if weight_decay:
             theta.mul_(1 - lr * weight_decay)  # decoupled (AdamW-style), selected entries only
-        theta.addcdiv_(m32, denom, value=-step_size)
+        _apply_update(theta, m32, denom, step_size)
         _scatter_param(p, idx, theta)
         if m32 is not m:
             m.copy_(m32)
@@ -324,13 +370,24 @@ def _foreach_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr,
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
     scalars = [_step_scalars(s, lr, beta1, beta2, bias_correction) for s in steps]
+    # Tensors with one count for all entries take scalar lists; those with per-entry
+    # counts (Note [bias correction]) take lists of fp32 vectors.
+    one = [i for i, (s, _) in enumerate(scalars) if not torch.is_tensor(s)]
+    each = [i for i, (s, _) in enumerate(scalars) if torch.is_tensor(s)]
     denoms = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denoms, [b for _, b in scalars])
+    for sel in (one, each):
+        if sel:
+            torch._foreach_div_([denoms[i] for i in sel], [scalars[i][1] for i in sel])
     torch._foreach_add_(denoms, eps)
     thetas = [_gather_param(p, idx) for p, idx in zip(params, idxs)]
     if weight_decay:
         torch._foreach_mul_(thetas, 1 - lr * weight_decay)
-    torch._foreach_addcdiv_(thetas, ms, denoms, [-s for s, _ in scalars])
+    if one:
+        torch._foreach_addcdiv_([thetas[i] for i in one], [ms[i] for i in one], [denoms[i] for i in one],
+                                [-scalars[i][0] for i in one])
+    if each:
+        steps_m = torch._foreach_mul([ms[i] for i in each], [scalars[i][0] for i in each])
+        torch._foreach_addcdiv_([thetas[i] for i in each], steps_m, [denoms[i] for i in each], value=-1)
     for p, idx, theta in zip(params, idxs, thetas):
         _scatter_param(p, idx, theta)
     for m, v, m32, v32 in zip(exp_avgs, exp_avg_sqs, ms, vs):
@@ -361,7 +418,8 @@ class NanoAdam(Optimizer):
         &\theta[I] \leftarrow \theta[I] - \eta_t\, m / (\sqrt{v} + \epsilon)
     and every other entry of :math:`\theta` stays bit-identical. Tensors of a
     dense group (``sparse=False``, from :func:`nanoadam_param_groups`: the head
-    and the norms) get plain Adam with the same settings.
+    and the norms) get plain Adam with the same settings, bias-corrected unless
+    ``dense_bias_correction=False`` (so exactly ``torch.optim.Adam``).
 
     Args:
         params: tensors or param groups; a group with ``sparse=False`` is dense,
@@ -382,8 +440,12 @@ class NanoAdam(Optimizer):
         criterion (str, default "small_weights"): which entries a refresh picks;
             "large_weights", "random" and "large_grads" serve as ablations.
         moments_on_refresh (str, default "carry"): see Note [moments on mask refresh].
-        bias_correction (bool, default False): Adam's bias correction; off as in
-            Algorithm 1. It counts the tensor's steps, not each entry's.
+        bias_correction (bool, default False): Adam's bias correction in the sparse
+            groups, counted per entry from when it entered the mask; off as in
+            Algorithm 1. See Note [bias correction].
+        dense_bias_correction (bool, default True): the ``bias_correction`` of
+            dense groups that do not set their own: True is ``torch.optim.Adam``
+            (the paper's plain Adam); False the uncorrected update of earlier versions.
         moments_dtype (torch.dtype or None, default None): dtype of the moments;
             None is float32, torch.bfloat16 halves them (the paper's).
         index_dtype (torch.dtype, default torch.int16): how a mask is stored:
@@ -402,6 +464,44 @@ class NanoAdam(Optimizer):
     selected keeps its m and v, a newly selected index starts at zero, a dropped
     one is forgotten (its state is not stored). ``"reset"`` zeroes all moments at
     every refresh.
+
+    Note [bias correction]: Adam divides m by 1 - beta1**a and v by 1 - beta2**a,
+    a being how many gradients the moments have averaged since they were zero.
+    An entry's moments start at zero when it enters the mask, so a is the entry's
+    age, the steps it has taken since it entered, not the tensor's step count.
+    ``bias_correction=True`` uses the age, so an entry's first update is
+    lr * g / (|g| + eps) <= lr at whatever step it enters, and at density 1 the
+    optimizer is ``torch.optim.Adam``. Off (Algorithm 1 literally, the default of
+    sparse groups), a newly selected entry moves 3.16x lr on its first step and
+    about 6.5x lr ten steps later (betas (0.9, 0.999), steady gradient), again
+    after every refresh. What the age costs:
+
+    - ``"reset"``: a refresh zeroes every moment, so every selected entry of a
+      tensor has the same age, step - refreshed_at. Nothing is stored per entry.
+    - ``"carry"``: an entry that stays keeps its moments and its age, a new one
+      starts at 0, so ages differ. State ``age`` (k,) holds each selected entry's
+      age at the last refresh (0 for the entries it brought in), remapped with the
+      moments; the age at a step is ``age + step - refreshed_at``, so ``age`` is
+      written only at refreshes. It saturates at A = _age_cap(beta1, beta2)
+      (18013 for betas (0.9, 0.999)): from A on, beta1**a <= 2**-55 makes
+      1 - beta1**a exactly 1 in fp64 and beta2**a <= 2**-26 makes
+      sqrt(1 - beta2**a) round to 1 in fp32, so the fp32 factors, which are all
+      Adam uses, are those of A and saturation changes no bit. ``age`` is int16
+      (2 bytes per selected entry) when A < 2**15, which holds for
+      beta1 <= 0.9988 and beta2 <= 0.99945, else int32 (4 bytes). It exists only
+      with ``bias_correction=True`` and ``"carry"``; off, no state is added.
+    - Per-entry factors come from a table of beta**a per (beta1, beta2), taken
+      with Python floats like ``torch.optim.Adam`` does per step, so equal ages
+      give the same bits as one count per tensor (density 1 matches torch's
+      single-tensor Adam bit for bit on the CPU).
+    - Entries whose age is unknown, under ``"carry"`` with state saved before
+      ages existed or with ``bias_correction`` turned on mid-run, count the
+      tensor's steps (the previous behavior) until they leave the mask.
+    - ``state_dict`` saves ``age``, ``refreshed_at`` and ``step``;
+      ``load_state_dict`` keeps ``age``'s dtype. The sparse-gradient mode, the
+      foreach and the single-tensor paths share the ages.
+    - Dense groups count the tensor's steps, which is exact: their moments never
+      restart. Their ``bias_correction`` comes from ``dense_bias_correction``.
 
     Note [sparse gradients]: with ``sparse_gradients=True`` each sparse tensor's
     gradient is gathered at its mask as soon as backward has accumulated it
@@ -428,6 +528,7 @@ class NanoAdam(Optimizer):
         criterion: str = "small_weights",
         moments_on_refresh: str = "carry",
         bias_correction: bool = False,
+        dense_bias_correction: bool = True,
         moments_dtype: torch.dtype | None = None,
         index_dtype: torch.dtype = torch.int16,
         chunk_size: int = CHUNK_SIZE,
@@ -481,6 +582,8 @@ class NanoAdam(Optimizer):
             foreach=foreach, sparse=True,
             seed=seed,
         )
+        # Read by add_param_group, which super().__init__ calls: not a group default.
+        self._dense_bias_correction = bool(dense_bias_correction)
         super().__init__(params, defaults)
         self.sparse_gradients = sparse_gradients
         # Gradients gathered at the mask in sparse-gradient mode, per tensor ((k,), grad dtype).
@@ -495,8 +598,15 @@ class NanoAdam(Optimizer):
                     for p in group["params"]:
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_hook))
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A dense group's bias_correction defaults to dense_bias_correction (Note [bias correction]).
+        if not param_group.get("sparse", True) and "bias_correction" not in param_group:
+            param_group = {**param_group, "bias_correction": self._dense_bias_correction}
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_dense_bias_correction", True)
         for group in self.param_groups:  # checkpoints from before an option existed
             group.setdefault("sparse", True)
             group.setdefault("seed", 0)
@@ -551,13 +661,29 @@ class NanoAdam(Optimizer):
         new_idx = select_mask(p, density, criterion, grad=grad, generator=gen,
                               chunk_size=group["chunk_size"])
         mdtype = group["moments_dtype"] or torch.float32
-        if "idx" in state and group["moments_on_refresh"] == "carry":
+        carry = group["moments_on_refresh"] == "carry"
+        ages = carry and group["bias_correction"]  # Note [bias correction]
+        if "idx" in state and carry:
             old_idx = self._mask(group, p)
             state["exp_avg"] = _remap(old_idx, new_idx, state["exp_avg"])
             state["exp_avg_sq"] = _remap(old_idx, new_idx, state["exp_avg_sq"])
+            if ages:
+                cap = _age_cap(*group["betas"])
+                old_age = state.get("age")
+                if old_age is None:  # unknown ages: the tensor's steps, as before ages existed
+                    old_age = torch.full((old_idx.numel(),), t, dtype=torch.int32, device=p.device)
+                else:
+                    old_age = old_age.to(torch.int32) + (t - state["refreshed_at"])
+                age = _remap(old_idx, new_idx, old_age.clamp_(max=cap))
         else:
             state["exp_avg"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
+            age = torch.zeros(new_idx.numel(), dtype=torch.int32, device=p.device)
+        if ages:
+            small = _age_cap(*group["betas"]) < 2**15
+            state["age"] = age.to(torch.int16 if small else torch.int32)
+        else:
+            state.pop("age", None)
         state["idx"] = _compact(new_idx, group["chunk_size"], group["index_dtype"])
         state["density"] = density
         state["refreshed_at"] = t
@@ -576,7 +702,9 @@ class NanoAdam(Optimizer):
             # Sparse tensors get, at their first refresh:
             #   idx: (k,) the mask, ascending: int16 chunk offsets or int32 flat indices;
             #   exp_avg, exp_avg_sq: (k,) moments of the selected entries (moments_dtype);
-            #   density: the density the mask was chosen at; refreshed_at: its step.
+            #   density: the density the mask was chosen at; refreshed_at: its step;
+            #   age: (k,) int16/int32, with bias_correction under "carry" only: each
+            #   entry's steps in the mask at the refresh (Note [bias correction]).
         return state
 
     @torch.no_grad()
@@ -755,7 +883,7 @@ class NanoAdam(Optimizer):
                 grads.append(g)
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+                steps.append(self._correction_steps(group, state) if group["sparse"] else state["step"])
             if not params:
                 continue
             foreach = group["foreach"]
@@ -767,6 +895,19 @@ class NanoAdam(Optimizer):
                       bias_correction=group["bias_correction"], foreach=foreach)
         self.last_step_refreshed = refreshed
         return loss
+
+    @staticmethod
+    def _correction_steps(group, state) -> Tensor | int:
+        """The count a sparse tensor's bias correction uses this step (Note [bias correction]):
+        each entry's age under "carry", the steps since the refresh under "reset"."""
+        if not group["bias_correction"]:
+            return state["step"]  # unused
+        since = int(state["step"]) - state.get("refreshed_at", 0)
+        if "age" in state:
+            return state["age"].to(torch.int32) + since
+        if group["moments_on_refresh"] == "reset":
+            return since
+        return state["step"]  # "carry" with unknown ages: the tensor's steps
 
     # ------------------------------------------------------------------ checkpoints
 
