@@ -19,5 +19,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'; } 2>&1 | tee "$OUT/device.txt"
-python3 -m pytest -q tests/python/test_optim.py tests/python/test_optim_cuda.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+python3 -m pytest -q tests/python/test_optim.py tests/python/test_optim_cuda.py tests/python/test_bias_correction.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
 timeout 420 python3 bench/gpu.py --steps 20 --warmup 3 --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
