@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -769,14 +769,16 @@ class NanoAdam(Optimizer):
         state = self.state[p]
         return _expand(state["idx"], p.numel(), state["density"], group["chunk_size"])
 
-    def masks(self) -> dict[str, Tensor]:
-        """Current mask of each sparse tensor by its canonical name: int32 flat indices."""
+    def masks(self, names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """Current mask of each sparse tensor by its canonical name: int32 flat indices
+        (only the tensors in `names` when given: the others are not expanded)."""
         out = {}
         for group in self.param_groups:
             if group["sparse"]:
                 for p, name in zip(group["params"], self._names(group)):
-                    if "idx" in self.state[p]:
-                        out[name.split("=")[0]] = self._mask(group, p)
+                    canonical = name.split("=")[0]
+                    if "idx" in self.state[p] and (names is None or canonical in names):
+                        out[canonical] = self._mask(group, p)
         return out
 
     @property

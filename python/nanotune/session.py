@@ -336,7 +336,7 @@ class Session:
         opt = self._need_optimizer()
         if not hasattr(opt, "masks"):
             raise SessionError("masks exist only with the nanoadam optimizer", "optimizer")
-        masks = opt.masks()
+        masks = opt.masks(None if names is None else set(names))
         if names is None:
             return masks
         missing = [n for n in names if n not in masks]
@@ -379,7 +379,7 @@ class Session:
         weights = w.weights if w.step is not None else param.detach().reshape(-1)[w.indices.to(param.device)].float().cpu()
         in_mask = None
         if name in masked:
-            mask = self.optimizer.masks().get(name)  # absent before the first refresh
+            mask = self.optimizer.masks({name}).get(name)  # absent before the first refresh
             if mask is not None:
                 in_mask = torch.isin(w.indices, mask.long().cpu()).to(torch.uint8)
         return SampleWeightsResult(tensor=name, shape=list(param.shape), step=w.step, indices=w.indices,

@@ -410,6 +410,7 @@ export class Dashboard implements DashboardSink {
     }
     this.clients.add(res);
     res.on("close", () => this.clients.delete(res));
+    if (!this.latestSample) this.requestSample(); // the first page of a run gets a scatter (and the tensor list) at once
   }
 
   private broadcast(chunk: string): void {
@@ -436,8 +437,9 @@ export class Dashboard implements DashboardSink {
     this.pumpSamples();
   }
 
+  /** Periodic samples run only while a page is open: with no one watching, the run pays nothing. */
   private pumpSamples(): void {
-    if (!this.samplePending || this.inFlight > 0 || this.sampleTimer || !this.canSample()) return;
+    if (!this.samplePending || this.inFlight > 0 || this.sampleTimer || !this.canSample() || this.clients.size === 0) return;
     const wait = this.lastSampleAt + this.sampleIntervalMs - performance.now();
     if (wait > 0) {
       this.sampleTimer = setTimeout(() => {
