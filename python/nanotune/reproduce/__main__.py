@@ -19,7 +19,7 @@ from nanotune.reproduce.corpora import CorpusError
 from nanotune.reproduce.lab import Lab, LabConfig
 
 NAMES = ("star", "ablation", "continual", "teacher_student")
-TOY_QUICK = ["--seeds", "2", "--pretrain-steps", "20", "--finetune-steps", "20", "--mask-intervals", "1"]
+TOY_QUICK = ["--quick"]
 
 
 def main(argv=None) -> int:
