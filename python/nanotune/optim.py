@@ -340,6 +340,7 @@ def _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, 
     # Reference path: plain per-tensor Adam on the selected entries, in the
     # operation order of torch.optim.Adam (so density=1 matches it bit for bit).
     for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
+        m, v = m.view(-1), v.view(-1)  # a dense tensor's moments have its shape; the update runs flat
         g = g.reshape(-1).to(torch.float32)
         m32 = m if m.dtype == torch.float32 else m.to(torch.float32)
         v32 = v if v.dtype == torch.float32 else v.to(torch.float32)
@@ -363,6 +364,8 @@ def _foreach_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr,
     # once (one launch per op on CUDA instead of one per tensor).
     if not params:
         return
+    exp_avgs = [m.view(-1) for m in exp_avgs]  # a dense tensor's moments have its shape; the update runs flat
+    exp_avg_sqs = [v.view(-1) for v in exp_avg_sqs]
     gs = [g.reshape(-1).to(torch.float32) for g in grads]
     ms = [m if m.dtype == torch.float32 else m.to(torch.float32) for m in exp_avgs]
     vs = [v if v.dtype == torch.float32 else v.to(torch.float32) for v in exp_avg_sqs]

@@ -323,3 +323,20 @@ def test_cuda_fast_path_with_ages_matches_cpu_reference_path(sparse_gradients):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
     for (n, p), (_, q) in zip(sparse_params(o_cpu), sparse_params(o_gpu)):
         assert torch.equal(o_cpu.state[p]["age"], o_gpu.state[q]["age"].cpu()), n
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_dense_group_of_matrices_is_torch_adam(foreach):
+    # A 2-D dense tensor (an untied head): its moments keep the tensor's shape, the update runs flat.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = NanoAdam([{"params": [p], "sparse": False}], lr=1e-2, foreach=foreach)
+    ref = torch.optim.Adam([q], lr=1e-2, foreach=False)
+    for _ in range(5):
+        g = torch.randn(6, 5)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert ours.state[p]["exp_avg"].shape == (6, 5)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=0)
