@@ -29,9 +29,26 @@ const generation = () =>
     .optional()
     .describe("the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED");
 
+/**
+ * A LoRA adapter (PEFT) on the loaded model: only the adapter trains, the base stays
+ * frozen. Absent fields take the defaults python/nanotune/models.py LORA_DEFAULTS
+ * names (r 8, alpha 16, dropout 0.05, targetModules "all-linear"); docs/lora.md.
+ */
+export const LoraConfig = z
+  .strictObject({
+    r: int().min(1).optional().describe("the adapter's rank (default 8)"),
+    alpha: z.number().gt(0).optional().describe("lora_alpha: the update is scaled by alpha / r (default 16)"),
+    dropout: z.number().gte(0).lt(1).optional().describe("dropout on the adapter's input while training (default 0.05)"),
+    targetModules: z
+      .union([z.enum(["all-linear"]), z.array(z.string().min(1)).min(1)])
+      .optional()
+      .describe("module names (suffixes) that get an adapter, or \"all-linear\": every linear layer but the output head (default)"),
+  })
+  .meta({ title: "LoraConfig" });
+
 /** The optimizer create_optimizer builds; a checkpoint keeps it (CheckpointExtra.optimizer) to rebuild the same one. */
 export const OptimizerConfig = z.strictObject({
-  name: z.enum(["nanoadam", "adamw"]),
+  name: z.enum(["nanoadam", "adamw", "galore", "adam-mini", "adafactor", "adamw8bit", "microadam"]).describe("nanoadam; adamw (the dense baseline); the peers galore, adam-mini, adafactor, adamw8bit, microadam (the sidecar's peers extra; microadam needs CUDA)"),
   lr: z.number().gte(0).optional(),
   betas: z.tuple([z.number(), z.number()]).optional(),
   eps: z.number().gte(0).optional(),
@@ -90,16 +107,19 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       device: z.string().optional().describe("\"auto\" or absent: the device the sidecar started on; \"cpu\", \"cuda\", \"cuda:1\""),
       gradientCheckpointing: z.boolean().optional(),
       seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
+      // wrap the model in a LoRA adapter (PEFT): only the adapter trains, checkpoints save it
+      lora: LoraConfig.optional(),
     }),
     result: z.strictObject({
       path: z.string(),
       device: z.string(),
       dtype: z.string(),
       parameters: uint(),
-      trainableParameters: uint(),
+      trainableParameters: uint().describe("parameters that train: the adapter's alone with lora"),
       tied: z.array(z.array(z.string())).describe("groups of names sharing one tensor"),
       paramBytes: uint(),
       modelType: z.string(),
+      lora: LoraConfig.nullable().optional().describe("the adapter as built, defaults filled in; null: no adapter"),
       generation: uint().describe("the new session generation: later calls of this run carry it"),
     }),
   },
@@ -231,7 +251,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   },
   save_checkpoint: {
     thread: "compute",
-    description: "Writes model (an HF directory), optimizer, data position, RNG and step atomically.",
+    description: "Writes model (an HF directory; with lora the adapter in PEFT's format), optimizer, data position, RNG and step atomically.",
     params: z.strictObject({ path: z.string().min(1), extra: CheckpointExtra.optional(), generation: generation() }),
     result: z.strictObject({ path: z.string(), step: uint(), timeS: z.number() }),
   },

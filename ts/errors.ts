@@ -51,7 +51,7 @@ export class ConfigError extends NanotuneError {
   constructor(source: string, error: z.ZodError | { path: string; message: string }[]) {
     const issues = Array.isArray(error)
       ? error
-      : error.issues.map((i) => ({ path: i.path.map(String).join(".") || "(root)", message: describeIssue(i) }));
+      : error.issues.flatMap(openUnion).map((i) => ({ path: i.path.map(String).join(".") || "(root)", message: describeIssue(i) }));
     super("INVALID_CONFIG", `${source}: ${issues.map((i) => `${i.path}: ${i.message}`).join("; ")}`, {
       data: { source, issues },
       cause: Array.isArray(error) ? undefined : error,
@@ -62,7 +62,36 @@ export class ConfigError extends NanotuneError {
 
 function describeIssue(i: z.core.$ZodIssue): string {
   if (i.code === "unrecognized_keys") return `unknown field${i.keys.length > 1 ? "s" : ""} ${i.keys.map((k) => `'${k}'`).join(", ")}`;
+  if (i.code === "invalid_union") {
+    const all = branches(i);
+    if (all.length && all.every((branch) => branch.every((x) => x.path.length === 0))) {
+      // no branch got further than the value itself: say what each expected
+      const each = [...new Set(all.flatMap((branch) => branch.map((x) => x.message.replace(/^Invalid input: /, ""))))];
+      if (each.length) return `Invalid input: ${each.join("; or ")}`;
+    }
+  }
   return i.message;
+}
+
+/**
+ * A union's issue opened up: where exactly one branch matched the value's kind (`model`
+ * is an object, not a string) and failed only deeper in (its `lora.targetModules`),
+ * that branch's issues with full paths instead of one "Invalid input" at the union. A
+ * branch did not match when an issue is about the value itself (path []) or a literal
+ * (a `type: "cosine"` that is not "warmup").
+ */
+function openUnion(i: z.core.$ZodIssue): z.core.$ZodIssue[] {
+  if (i.code !== "invalid_union" || !i.errors.length) return [i];
+  const mismatch = (x: z.core.$ZodIssue) => x.path.length === 0 || (x.code === "invalid_value" && x.values.length === 1);
+  const matched = branches(i).filter((branch) => branch.length > 0 && !branch.some(mismatch));
+  if (matched.length !== 1) return [i];
+  return matched[0]!.flatMap((x) => openUnion({ ...x, path: [...i.path, ...x.path] } as z.core.$ZodIssue));
+}
+
+/** A union's branches, with a union inside a union (at the same value) as its own branches. */
+function branches(i: z.core.$ZodIssue): z.core.$ZodIssue[][] {
+  if (i.code !== "invalid_union") return [[i]];
+  return i.errors.flatMap((branch) => (branch.length === 1 && branch[0]!.code === "invalid_union" && branch[0]!.path.length === 0 ? branches(branch[0]!) : [branch]));
 }
 
 /** Maps a code that arrived from the sidecar to our table; an unknown one becomes INTERNAL. */

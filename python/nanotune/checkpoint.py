@@ -2,7 +2,12 @@
 
     <dir>/
       model/               save_pretrained: config.json, model.safetensors, tokenizer files;
-                           AutoModelForCausalLM.from_pretrained(<dir>/model) loads it
+                           AutoModelForCausalLM.from_pretrained(<dir>/model) loads it.
+                           A LoRA run (a PEFT model) saves its adapter here instead, in PEFT's
+                           format: adapter_config.json (base_model_name_or_path: the base's
+                           local directory) + adapter_model.safetensors, and the tokenizer;
+                           PeftModel.from_pretrained(base, <dir>/model) loads it (Note [adapter
+                           checkpoints])
       optimizer.pt         optimizer.state_dict() (torch.save, loadable with weights_only=True)
       rng.pt               torch CPU/CUDA, Python `random` and numpy generator states
       trainer_state.json   {format, step, data_state, extra, files: {relative path: bytes}}, written last
@@ -50,6 +55,20 @@ the RNG states must be loadable (tried on throwaway generators). Only then does
 apply() copy weights, optimizer state and RNG states in. Every error is a
 CheckpointError (INVALID_PARAMS) whose message and data name the file (`path`)
 and, where there is one, the key (`key`).
+
+Note [adapter checkpoints]: a PEFT model (models.add_lora) saves only its adapter:
+PeftModel.save_pretrained writes adapter_config.json and adapter_model.safetensors
+(the lora_A/lora_B tensors, named without the adapter name: "...q_proj.lora_A.weight")
+into model/. The base weights are not copied: they never change, and the adapter
+config points at them (base_model_name_or_path, the absolute directory load_model
+read, a preset's cache directory for presets). A resume loads the same base with the
+same lora settings and then this checkpoint: the adapter's tensors must be exactly
+those of the model's adapter (peft.get_peft_model_state_dict: names, shapes, dtypes),
+and r, lora_alpha and target_modules must equal the model's (alpha changes the
+scale, which no shape shows); dropout may differ (a training setting, like the lr).
+A checkpoint with an adapter is refused for a model without one and the other way
+round, each error saying which side has the adapter. `nanotune export` copies the
+adapter or merges it into the base (nanotune.export).
 """
 
 from __future__ import annotations
@@ -73,11 +92,13 @@ import torch
 
 from .errors import InvalidParams, field_of
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointState", "PendingLoad", "TrainerStateFile",
-           "is_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointState",
+           "PendingLoad", "TrainerStateFile", "has_adapter", "is_checkpoint", "load_checkpoint", "read_checkpoint",
+           "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "nanotune-checkpoint-v1"
 MODEL_DIR, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = "model", "optimizer.pt", "rng.pt", "trainer_state.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names, in model/
 TMP_MARKER = ".nanotune-partial"  # the first file of a temp directory: "this is ours" (Note [atomic checkpoints])
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
 
@@ -107,7 +128,7 @@ class _Format(msgspec.Struct, forbid_unknown_fields=False):
 @dataclass
 class CheckpointState:
     path: str  # the checkpoint directory
-    model_dir: str  # its HF model directory (give it to load_model in a fresh process)
+    model_dir: str  # its HF model directory (give it to load_model in a fresh process); a LoRA run's adapter
     step: int  # optimizer steps taken when it was saved
     data_state: dict[str, Any] | None  # BatchIterator.state_dict() at save time
     extra: dict[str, Any] = field(default_factory=dict)  # whatever the caller saved (config, metrics, ...)
@@ -508,33 +529,19 @@ def _listed(root: Path, state: TrainerStateFile, rel: str) -> Path:
     return path
 
 
-def _read_weights(model: torch.nn.Module, root: Path, state: TrainerStateFile) -> dict[str, torch.Tensor]:
-    """The safetensors weights of the checkpoint, checked against `model`: every name
-    known (tied names the files leave out must have their partner), every shape equal,
-    dtypes equal or both floating (the model's wins on load)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
-    model_dir = root / MODEL_DIR
-    rels = sorted(r for r in state.files if r.startswith(MODEL_DIR + "/") and r.endswith(".safetensors")
-                  and r.count("/") == 1)
-    if not rels:
-        raise CheckpointError(f"checkpoint model directory {str(model_dir)!r} has no *.safetensors", model_dir)
-    weights: dict[str, torch.Tensor] = {}
-    source: dict[str, Path] = {}
-    for rel in rels:
-        f = root / rel
-        try:
-            part = load_file(f)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt: {e}", f) from e
-        weights.update(part)
-        source.update(dict.fromkeys(part, f))
-    expected = model.state_dict(keep_vars=True)
-    tied: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), []).append(name)
-    partners = {n: names for names in tied.values() for n in names}
+
+def has_adapter(dir: str | os.PathLike) -> bool:
+    """Whether the checkpoint at `dir` saved a PEFT adapter (model/adapter_config.json)."""
+    return (Path(dir) / MODEL_DIR / ADAPTER_CONFIG).is_file()
+
+
+def _check_tensors(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: dict[str, Path],
+                   model_dir: Path, partners: dict[str, list[str]] | None = None) -> None:
+    """Every tensor of `weights` known to `expected` with its shape and a compatible dtype,
+    and every expected tensor present (or, tied, a partner of it)."""
     for key, t in weights.items():
         f = source[key]
         if key not in expected:
@@ -548,9 +555,85 @@ def _read_weights(model: torch.nn.Module, root: Path, state: TrainerStateFile) -
             raise CheckpointError(f"checkpoint file {str(f)!r}: tensor {key!r} is {t.dtype}, the model's is "
                                   f"{want.dtype}", f, key)
     for key in expected:
-        if key not in weights and not any(m in weights for m in partners.get(key, ())):
+        if key not in weights and not any(m in weights for m in (partners or {}).get(key, ())):
             raise CheckpointError(f"checkpoint model directory {str(model_dir)!r} lacks tensor {key!r} of the model",
                                   model_dir, key)
+
+
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt: {e}", f) from e
+
+
+def _read_adapter(model: torch.nn.Module, root: Path, state: TrainerStateFile) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a LoRA checkpoint, checked against the PEFT model's adapter
+    (Note [adapter checkpoints]); keys as PEFT saves them."""
+    from peft import get_peft_model_state_dict
+
+    model_dir = root / MODEL_DIR
+    cfg_path = _listed(root, state, f"{MODEL_DIR}/{ADAPTER_CONFIG}")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {str(cfg_path)!r} is corrupt: {e}", cfg_path) from e
+    live = model.peft_config[model.active_adapter].to_dict()
+
+    def norm(v: Any) -> Any:  # target_modules: a set in memory, a list in JSON; peft_type: an enum in memory
+        return sorted(v) if isinstance(v, (list, tuple, set)) else getattr(v, "value", v)
+
+    for key in ("peft_type", "r", "lora_alpha", "target_modules"):
+        a, b = norm(saved.get(key)), norm(live.get(key))
+        if a != b:
+            raise CheckpointError(f"checkpoint file {str(cfg_path)!r}: {key} is {a!r}, the loaded model's adapter "
+                                  f"has {b!r} (load_model with the lora settings the run used)", cfg_path, key)
+    f = _listed(root, state, f"{MODEL_DIR}/{ADAPTER_WEIGHTS}")
+    weights = _load_safetensors(f)
+    expected = get_peft_model_state_dict(model)
+    _check_tensors(weights, expected, dict.fromkeys(weights, f), model_dir)
+    return weights
+
+
+def _read_weights(model: torch.nn.Module, root: Path, state: TrainerStateFile) -> dict[str, torch.Tensor]:
+    """The safetensors weights of the checkpoint, checked against `model`: every name
+    known (tied names the files leave out must have their partner), every shape equal,
+    dtypes equal or both floating (the model's wins on load). A PEFT model reads the
+    adapter instead (Note [adapter checkpoints])."""
+    model_dir = root / MODEL_DIR
+    adapter = f"{MODEL_DIR}/{ADAPTER_CONFIG}" in state.files
+    if adapter and not _is_peft(model):
+        raise CheckpointError(f"checkpoint {str(root)!r} holds a LoRA adapter ({MODEL_DIR}/{ADAPTER_CONFIG}) but "
+                              "the loaded model has none: load the base model with the run's lora settings",
+                              model_dir / ADAPTER_CONFIG, "lora")
+    if _is_peft(model):
+        if not adapter:
+            raise CheckpointError(f"checkpoint {str(root)!r} holds a full model ({MODEL_DIR}/ has no "
+                                  f"{ADAPTER_CONFIG}) but the loaded model has a LoRA adapter: load it without "
+                                  "lora to resume this checkpoint", model_dir, "lora")
+        return _read_adapter(model, root, state)
+    rels = sorted(r for r in state.files if r.startswith(MODEL_DIR + "/") and r.endswith(".safetensors")
+                  and r.count("/") == 1)
+    if not rels:
+        raise CheckpointError(f"checkpoint model directory {str(model_dir)!r} has no *.safetensors", model_dir)
+    weights: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    for rel in rels:
+        f = root / rel
+        part = _load_safetensors(f)
+        weights.update(part)
+        source.update(dict.fromkeys(part, f))
+    expected = model.state_dict(keep_vars=True)
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    partners = {n: names for names in tied.values() for n in names}
+    _check_tensors(weights, expected, source, model_dir, partners)
     return weights
 
 
@@ -704,7 +787,12 @@ class PendingLoad:
                                       f"optimizer: {e}", self.optimizer_path) from e
         if self.model is not None and self.weights is not None:
             with torch.no_grad():
-                self.model.load_state_dict(self.weights, strict=False)
+                if _is_peft(self.model):  # adapter tensors, keyed as PEFT saves them
+                    from peft import set_peft_model_state_dict
+
+                    set_peft_model_state_dict(self.model, self.weights)
+                else:
+                    self.model.load_state_dict(self.weights, strict=False)
         if self.rng is not None:
             _set_rng_state(self.rng)
         return self.state

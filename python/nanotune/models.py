@@ -13,11 +13,13 @@ same files byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,8 @@ import torch
 
 from .errors import InvalidParams
 
-__all__ = ["LoadedModel", "ModelError", "PRESETS", "load_model", "build_preset", "cache_dir", "default_dtype",
-           "model_info", "resolve_device", "resolve_dtype"]
+__all__ = ["LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "load_model", "build_preset",
+           "cache_dir", "default_dtype", "is_peft_model", "model_info", "resolve_device", "resolve_dtype"]
 
 
 class ModelError(InvalidParams):
@@ -46,6 +48,7 @@ class LoadedModel:
     dtype: torch.dtype
     path: str  # the HF directory it was loaded from (the cache dir for presets)
     info: dict[str, Any] = field(default_factory=dict)  # see model_info()
+    lora: dict[str, Any] | None = None  # the adapter's settings (LORA_DEFAULTS filled in) when wrapped by add_lora
 
 
 # ---------------------------------------------------------------------------
@@ -284,6 +287,130 @@ def model_info(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------
+# LoRA (PEFT). Note [LoRA defaults]: r 8 and alpha 16 (scale alpha/r = 2) are the
+# common LoRA starting point (PEFT's r default, with alpha = 2r as in QLoRA and the
+# LLM-Adapters commonsense setups); dropout 0.05 as in those setups; target modules
+# "all-linear" (every nn.Linear/Conv1D but the output head, PEFT's resolution) because
+# it works on every architecture without knowing its module names (q_proj is Llama's,
+# c_attn GPT-2's) and because adapting all linear layers is what comes closest to full
+# finetuning (QLoRA). A list of names picks modules by name suffix ("q_proj").
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear"}
+
+# Note [LoRA and NanoAdam]: with a LoRA adapter the trainable tensors are PEFT's
+# lora_A (r x in) and lora_B (out x r) of each target module, named
+# "base_model.model.<module>.lora_A.default.weight"; the frozen base is in no optimizer
+# group and has no state, so create_optimizer's groups and train_step's stateBytes count
+# the adapter alone (AdamW: 8 bytes per adapter entry + a 4-byte step per tensor). They
+# are 2-D and match none of the dense patterns (lm_head, norm), so NanoAdam masks all of
+# them (sparse group); `dense` and mask policies' perTensor/include/exclude see the PEFT
+# names ("lora_B" matches every B).
+#
+# Note [LoRA B at zero]: PEFT initialises lora_A at random (Kaiming-uniform) and lora_B
+# at zero, so the adapter starts as the identity (B A = 0). small_weights (the paper's
+# rule) then sees a B whose entries all tie at |w| = 0; select_mask breaks ties by
+# position, so B's first mask is the first k flat entries of each chunk: the first
+# density x out rows of B (all r columns; 2**15-entry chunks hold a whole B for out x r
+# <= 32768). Only those output rows of the update B A can move until the next refresh.
+# The first step also leaves lora_A where it was: dL/dA = B^T(...) = 0 while B = 0, and
+# Adam's update of a zero gradient from zero moments is 0; A's masked entries move
+# from the second step on, through the rows of B that moved. At the next refresh the
+# trained rows are no longer the smallest: small_weights picks the next untouched
+# (still zero) rows, so the mask sweeps B row block by row block, one maskInterval
+# each, and leaves the entries it trained frozen. For B "small" means "not trained
+# yet", not "unimportant to pretrained knowledge", which is the paper's reason for the
+# rule; A, random at init, behaves like any weight. Measured on tiny-llama (CPU, 100
+# steps, density 0.25, lr 1e-2; the mean loss of the last 10 steps): small_weights
+# refreshed every 50 steps 5.71, every 10 steps 5.41, random every 50 steps 5.41,
+# a random first refresh then small_weights 5.43, AdamW 5.29. We keep the rule as the
+# paper states it (the mask policy is the controller's choice) and document the
+# remedies (docs/lora.md): a shorter maskInterval, or the random criterion (perTensor
+# sets densities, not criteria, so it is the whole policy's).
+
+
+@contextlib.contextmanager
+def peft_quiet():
+    """Keeps PEFT's FutureWarning about transformers 5's renamed is_gradient_checkpointing
+    quiet (PEFT asks the deprecated question; not ours to fix)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT model (a LoRA adapter on a base model)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def add_lora(model: torch.nn.Module, r: int | None = None, alpha: float | None = None, dropout: float | None = None,
+             target_modules: str | list[str] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Wraps `model` in a LoRA adapter (peft.get_peft_model, adapter "default"): the base
+    weights are frozen and only lora_A/lora_B train. None takes LORA_DEFAULTS. Returns the
+    PEFT model and the settings used (target_modules as given: a list or "all-linear").
+    lora_B starts at zero, so the wrapped model computes exactly what the base does."""
+    from peft import LoraConfig, get_peft_model
+
+    given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
+    cfg = {k: LORA_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if isinstance(cfg["target_modules"], str) and cfg["target_modules"] != "all-linear":
+        raise ModelError(f"lora.targetModules: {cfg['target_modules']!r} is not 'all-linear' or a list of module names",
+                         field="lora.targetModules")
+    targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"])
+    config = LoraConfig(r=int(cfg["r"]), lora_alpha=cfg["alpha"], lora_dropout=float(cfg["dropout"]),
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        with peft_quiet():
+            wrapped = get_peft_model(model, config)
+    except ValueError as e:  # "Target modules {...} not found in the base model"
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"lora.targetModules: {e} (this model's linear layers: {', '.join(names)})",
+                         field="lora.targetModules") from e
+    return wrapped, {**cfg, "target_modules": targets}
+
+
+def _load_adapter_dir(path: Path, dtype, device, default_device, gradient_checkpointing: bool,
+                      lora: dict[str, Any] | None) -> LoadedModel:
+    """load_model of a saved LoRA adapter directory: the base it names, then the adapter."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    cfg_path = path / "adapter_config.json"
+    if lora is not None:
+        raise ModelError(f"model path {str(path)!r} is a LoRA adapter directory: its settings come from its "
+                         "adapter_config.json; drop lora, or give the base model's directory with lora", path, "lora")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"adapter config {str(cfg_path)!r} is not readable JSON: {e}", cfg_path) from e
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        raise ModelError(f"adapter directory {str(path)!r} holds a {kind} adapter; nanotune loads LoRA adapters", path)
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"adapter config {str(cfg_path)!r} names no base model (base_model_name_or_path)", cfg_path)
+    lm = load_model(base, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                    default_device=default_device)
+    try:
+        with peft_quiet():
+            model = PeftModel.from_pretrained(lm.model, path, is_trainable=True)
+    except Exception as e:  # peft, safetensors and torch raise many types; all mean "this adapter"
+        raise ModelError(f"could not load the adapter in {str(path)!r} onto {base!r}: {e}", path) from e
+    tokenizer = lm.tokenizer
+    if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.train()
+    targets = cfg.get("target_modules")
+    lora_cfg = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "dropout": float(cfg.get("lora_dropout", 0.0)),
+                "target_modules": sorted(targets) if isinstance(targets, list) else targets}
+    info = {**lm.info, **model_info(model), "source": str(path), "path": str(path), "base": lm.path, "lora": lora_cfg}
+    return LoadedModel(model=model, tokenizer=tokenizer, device=lm.device, dtype=lm.dtype, path=str(path), info=info,
+                       lora=lora_cfg)
+
+
 def _dtype_kwarg() -> str:
     import transformers
 
@@ -293,7 +420,8 @@ def _dtype_kwarg() -> str:
 
 def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = "auto", gradient_checkpointing: bool = False,
-               seed: int = 0, default_device: str | torch.device | None = None) -> LoadedModel:
+               seed: int = 0, default_device: str | torch.device | None = None,
+               lora: dict[str, Any] | None = None) -> LoadedModel:
     """Loads a causal LM and its tokenizer.
 
     path_or_preset: a local HF directory (config.json, *.safetensors, tokenizer
@@ -304,6 +432,12 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         available, else cpu; or "cpu", "cuda", "cuda:1", ... (see resolve_device).
     gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
     seed: the init seed of a preset (0, the default, is the shared cached build); unused for directories.
+    lora: wrap the model in a LoRA adapter (add_lora's keyword arguments: r, alpha, dropout,
+        target_modules; absent ones take LORA_DEFAULTS); `model` is then a PEFT model whose
+        only trainable parameters are the adapter's.
+    A saved LoRA adapter directory (adapter_config.json, no config.json: a LoRA checkpoint's
+    model/) loads too: its base (base_model_name_or_path) with the adapter on it, trainable,
+    settings from the adapter's config (so `lora` must be absent).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -314,6 +448,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     name = str(path_or_preset)
     preset = name if name in PRESETS else None
     path = _preset_dir(name, seed) if preset else Path(name).expanduser()
+    if not preset and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter_dir(path, dtype=dtype, device=device, default_device=default_device,
+                                 gradient_checkpointing=gradient_checkpointing, lora=lora)
     _check_hf_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -330,6 +467,12 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+    lora_cfg = None
+    if lora is not None:
+        model, lora_cfg = add_lora(model, **lora)
+        # the pointer a saved adapter keeps to its base (adapter_config.json): absolute, so it
+        # loads from anywhere (Note [adapter checkpoints] in checkpoint.py)
+        model.peft_config[model.active_adapter].base_model_name_or_path = str(path.resolve())
     model.train()
     info = {
         **model_info(model),
@@ -343,5 +486,6 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         "dtype": str(dt).removeprefix("torch."),
         "device": str(dev),
         "gradient_checkpointing": gradient_checkpointing,
+        "lora": lora_cfg,
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info, lora=lora_cfg)

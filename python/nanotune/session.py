@@ -70,7 +70,7 @@ from .checkpoint import STATE_FILE, CheckpointError, read_checkpoint, save_check
 from .data import BatchIterator, DatasetError, LoadedDataset, load_dataset
 from .errors import ErrorCode, InvalidParams, NanotuneError, field_of
 from .models import LoadedModel, load_model
-from .training import create_optimizer, evaluate, generate, train_step
+from .training import create_optimizer, evaluate, generate, optimizer_state_bytes, train_step
 from .wire import (
     CheckpointExtra,
     CreateOptimizerParams,
@@ -87,6 +87,7 @@ from .wire import (
     LoadDatasetResult,
     LoadModelParams,
     LoadModelResult,
+    LoraConfig,
     MaskDecision,
     MaskResult,
     MaskTensor,
@@ -181,8 +182,9 @@ class Session:
 
     def load_model(self, p: LoadModelParams | None = None, /, **fields: Any) -> LoadModelResult:
         p = params(LoadModelParams, p, fields)
+        lora = None if p.lora is None else msgspec.structs.asdict(p.lora)
         self.loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
-                                 gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0)
+                                 gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora)
         self.optimizer, self.optimizer_params, self.step, self.mask = None, None, 0, None  # a new run
         self.watch = None
         self.generation += 1
@@ -191,6 +193,7 @@ class Session:
                                parameters=info["parameters"], trainable_parameters=info["trainable_parameters"],
                                tied=info["tied"], param_bytes=info["param_bytes"],
                                model_type=getattr(lm.model.config, "model_type", "unknown"),
+                               lora=None if lm.lora is None else LoraConfig(**lm.lora),
                                generation=self.generation)
 
     def load_dataset(self, p: LoadDatasetParams | None = None, /, **fields: Any) -> LoadDatasetResult:
@@ -226,11 +229,11 @@ class Session:
         lm = self._need_model()
         opts = {k: v for k, v in msgspec.structs.asdict(p).items()
                 if v is not None and k not in ("name", "generation")}
-        if p.name == "adamw":
+        if p.name != "nanoadam":  # AdamW and the peers (galore, adam-mini, ...: training.create_optimizer)
             wrong = [k for k in opts if k in self._NANOADAM_ONLY]
             if wrong:
-                raise SessionError(f"{wrong[0]!r} is a NanoAdam option; adamw takes lr, betas, eps, weight_decay",
-                                   wrong[0])
+                takes = "lr, weight_decay" if p.name == "adafactor" else "lr, betas, eps, weight_decay"
+                raise SessionError(f"{wrong[0]!r} is a NanoAdam option; {p.name} takes {takes}", wrong[0])
         else:
             opts.setdefault("mask_interval", None)  # the controller decides when to refresh
         opt = create_optimizer(lm.model, p.name, **opts)
@@ -575,6 +578,4 @@ def _sample_indices(numel: int, count: int, seed: int) -> torch.Tensor:
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    if hasattr(opt, "state_bytes"):
-        return opt.state_bytes()
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return optimizer_state_bytes(opt)  # NanoAdam's own count; the peers' tensors however they keep them

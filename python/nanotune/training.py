@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX
 from .errors import ErrorCode, InvalidParams, NanotuneError
 
-__all__ = ["NonFiniteError", "OptimizerError", "create_optimizer", "evaluate", "generate", "train_step"]
+__all__ = ["NonFiniteError", "OPTIMIZERS", "OptimizerError", "create_optimizer", "evaluate", "generate",
+           "optimizer_state_bytes", "train_step"]
 
 
 class NonFiniteError(NanotuneError):
@@ -65,6 +66,14 @@ class OptimizerError(InvalidParams):
         super().__init__(message, option=option)
 
 
+# What create_optimizer builds (protocol/training.ts OptimizerConfig.name). The peers
+# (galore, adam-mini, adafactor, adamw8bit, microadam) are for comparisons such as
+# `npm run bench:peers`; their packages come with the `peers` extra of pyproject.toml,
+# except MicroAdam's, which needs CUDA (see _microadam).
+OPTIMIZERS = ("nanoadam", "adamw", "galore", "adam-mini", "adafactor", "adamw8bit", "microadam")
+_PEERS_INSTALL = "pip install 'nanotune[peers]'"
+
+
 def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any) -> torch.optim.Optimizer:
     """name="nanoadam": NanoAdam over nanoadam_param_groups(model, dense=...);
     opts are NanoAdam's keyword arguments plus `dense` (default ("lm_head", "norm"))
@@ -72,8 +81,34 @@ def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any
     name="adamw": torch.optim.AdamW over the trainable parameters (the dense
     baseline); opts are AdamW's, with weight_decay defaulting to 0.0 like NanoAdam
     (torch's own default is 0.01). moments_dtype and index_dtype may be torch dtypes or
-    their names ("bfloat16", "int32"). An unknown or invalid option raises OptimizerError
-    naming it."""
+    their names ("bfloat16", "int32").
+
+    The peers (packages from the `peers` extra; lr is a placeholder that train_step
+    overwrites every step; weight_decay defaults to 0.0 for all of them):
+    name="galore": galore_torch.GaLoreAdamW as GaLore's README sets it up: the 2-D
+        weights of the nn.Linear modules whose name contains one of `targets`
+        (default ("attn", "mlp")) get low-rank projected Adam (`rank` 128,
+        `update_proj_gap` 200, `scale` 0.25, `proj_type` "std"), every other
+        parameter plain AdamW; plus lr, betas, eps (GaLore's default 1e-6),
+        weight_decay, correct_bias.
+    name="adam-mini": adam_mini.Adam_mini over model.named_parameters(); `dim`,
+        `n_heads`, `n_kv_heads` default to the model config's hidden_size,
+        num_attention_heads, num_key_value_heads; plus lr, betas, eps, weight_decay.
+        Not for LoRA adapters (it partitions by the base model's module names).
+    name="adafactor": transformers.optimization.Adafactor with an explicit lr
+        (relative_step=False, scale_parameter=False, warmup_init=False by default);
+        opts are Adafactor's (eps is its pair (eps1, eps2); beta1 None = no momentum).
+    name="adamw8bit": bitsandbytes.optim.AdamW8bit (block-wise 8-bit moments); opts
+        lr, betas, eps, weight_decay, min_8bit_size (tensors smaller than it keep
+        32-bit state; bitsandbytes' default 4096). Runs where this bitsandbytes has an
+        8-bit Adam kernel for the model's device (CUDA; CPU in recent releases):
+        checked by one tiny step at creation, else OptimizerError.
+    name="microadam": ista_daslab_optimizers.MicroAdam, CUDA only (OptimizerError on
+        another device or without its CUDA kernels); opts m (10), quant_block_size
+        (100000), k_init (0.01), alpha, lr, betas, eps, weight_decay.
+
+    An unknown or invalid option raises OptimizerError naming it; so does a peer whose
+    package is missing (option "name", with the pip command)."""
     opts = {k: getattr(torch, v) if k in ("moments_dtype", "index_dtype") and isinstance(v, str) else v
             for k, v in opts.items()}
     try:
@@ -88,12 +123,210 @@ def create_optimizer(model: torch.nn.Module, name: str = "nanoadam", **opts: Any
             tied = opts.pop("tied", "sparse")
             _check_options(NanoAdam, opts, name)
             return NanoAdam(nanoadam_param_groups(model, dense=tuple(dense), tied=tied), **opts)
+        if name in _PEER_BUILDERS:
+            return _PEER_BUILDERS[name](model, dict(opts))
     except OptimizerError:
         raise
-    except ValueError as e:  # the optimizers' own checks: "Invalid betas[0]: 1.5; must be in [0, 1)"
+    except (ValueError, AssertionError) as e:  # the optimizers' own checks: "Invalid betas[0]: 1.5; must be in [0, 1)"
         m = re.match(r"Invalid (\w+)", str(e))
-        raise OptimizerError(f"{name}: {e}", m.group(1) if m else None) from e
-    raise OptimizerError(f"optimizer name {name!r} is not 'nanoadam' or 'adamw'", "name")
+        option = {"learning": "lr", "beta": "betas", "epsilon": "eps"}.get(m.group(1), m.group(1)) if m else None
+        raise OptimizerError(f"{name}: {e}", option) from e
+    raise OptimizerError(f"optimizer name {name!r} is not one of {', '.join(map(repr, OPTIMIZERS))}", "name")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: NanoAdam's own count (state_bytes()); for any other
+    optimizer every tensor reachable from optimizer.state (values, lists, and the
+    attributes of objects kept there, such as GaLore's projector matrices), each
+    storage once (bitsandbytes shares one quantization map across tensors)."""
+    if hasattr(optimizer, "state_bytes"):
+        return int(optimizer.state_bytes())
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def visit(v: Any, depth: int) -> None:
+        nonlocal total
+        if torch.is_tensor(v):
+            storage = v.untyped_storage()
+            key = (str(v.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x, depth + 1)
+        elif depth < 3 and hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)):
+            for x in vars(v).values():
+                visit(x, depth + 1)
+
+    for s in optimizer.state.values():
+        visit(s, 0)
+    return total
+
+
+def _allow(name: str, opts: dict[str, Any], allowed: Sequence[str]) -> None:
+    for key in opts:
+        if key not in allowed:
+            raise OptimizerError(f"{name} has no option {key!r}; options are {list(allowed)}", key)
+
+
+def _need(name: str, module: str, package: str, install: str = _PEERS_INSTALL):
+    import importlib
+    import logging
+
+    # bitsandbytes (imported by galore_torch too) logs a warning at import on CPUs with
+    # AVX512-BF16 about an optional 4-bit matmul kernel (the `kernels` package) that none
+    # of these optimizers uses.
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise OptimizerError(f"{name} needs the {package} package ({e}); install it: {install} "
+                             f"(or pip install {package})", "name") from e
+    finally:
+        log.setLevel(level)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    raise OptimizerError("the model has no parameters to optimize", "name")
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _galore(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    galore = _need("galore", "galore_torch", "galore-torch")
+    rank, gap = opts.pop("rank", 128), opts.pop("update_proj_gap", 200)
+    scale, proj_type = opts.pop("scale", 0.25), opts.pop("proj_type", "std")
+    targets = opts.pop("targets", ("attn", "mlp"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise OptimizerError(f"galore: rank must be an integer >= 1, got {rank!r}", "rank")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise OptimizerError(f"galore: update_proj_gap must be an integer >= 1, got {gap!r}", "update_proj_gap")
+    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise OptimizerError(f"galore: scale must be a number > 0, got {scale!r}", "scale")
+    if proj_type not in ("std", "reverse_std", "right", "left", "full"):
+        raise OptimizerError(f"galore: proj_type {proj_type!r} is not std, reverse_std, right, left or full",
+                             "proj_type")
+    if isinstance(targets, str):
+        targets = (targets,)
+    opts.setdefault("weight_decay", 0.0)
+    _allow("galore", opts, ("lr", "betas", "eps", "weight_decay", "correct_bias"))
+    low_rank = [m.weight for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and any(t in n for t in targets) and m.weight.requires_grad]
+    if not low_rank:
+        raise OptimizerError(f"galore: no trainable nn.Linear weight in a module whose name contains one of "
+                             f"{list(targets)}", "targets")
+    ids = {id(p) for p in low_rank}
+    regular = [p for p in _trainable(model) if id(p) not in ids]
+    groups = ([{"params": regular}] if regular else []) + [
+        {"params": low_rank, "rank": rank, "update_proj_gap": gap, "scale": float(scale), "proj_type": proj_type}]
+    return galore.GaLoreAdamW(groups, no_deprecation_warning=True, **opts)
+
+
+def _adam_mini(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise OptimizerError("adam-mini partitions the parameters by the base model's module names (one lr per "
+                             "attention head, neuron or token); a LoRA adapter's lora_A/lora_B are no such blocks: "
+                             "use adamw or nanoadam with model.lora", "name")
+    adam_mini = _need("adam-mini", "adam_mini", "adam-mini")
+    cfg = getattr(model, "config", None)
+    dim = opts.pop("dim", getattr(cfg, "hidden_size", None))
+    n_heads = opts.pop("n_heads", getattr(cfg, "num_attention_heads", None))
+    n_kv_heads = opts.pop("n_kv_heads", getattr(cfg, "num_key_value_heads", None) or n_heads)
+    for key, v in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptimizerError(f"adam-mini: {key} must be an integer >= 1 (default: the model config's), "
+                                 f"got {v!r}", key)
+    if n_heads % n_kv_heads:
+        raise OptimizerError(f"adam-mini: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}",
+                             "n_kv_heads")
+    opts.setdefault("weight_decay", 0.0)
+    _allow("adam-mini", opts, ("lr", "betas", "eps", "weight_decay"))
+    return adam_mini.Adam_mini(named_parameters=model.named_parameters(), dim=dim, n_heads=n_heads,
+                               n_kv_heads=n_kv_heads, verbose=False, **opts)
+
+
+def _adafactor(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    for key, default in (("lr", 1e-3), ("relative_step", False), ("scale_parameter", False),
+                         ("warmup_init", False)):
+        opts.setdefault(key, default)
+    _check_options(Adafactor, opts, "adafactor")
+    eps = opts.get("eps")
+    if eps is not None and not (isinstance(eps, (list, tuple)) and len(eps) == 2):
+        raise OptimizerError(f"adafactor: eps is a pair (eps1, eps2) (default (1e-30, 1e-3)), got {eps!r}", "eps")
+    if opts["relative_step"]:
+        raise OptimizerError("adafactor: relative_step=True makes Adafactor choose its own lr; nanotune sets the lr "
+                             "of every step, so it runs with relative_step=False", "relative_step")
+    if "eps" in opts:
+        opts["eps"] = tuple(opts["eps"])
+    return Adafactor(_trainable(model), **opts)
+
+
+_BNB_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _adamw8bit(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    bnb = _need("adamw8bit", "bitsandbytes", "bitsandbytes")
+    opts.setdefault("weight_decay", 0.0)
+    _allow("adamw8bit", opts, ("lr", "betas", "eps", "weight_decay", "min_8bit_size"))
+    params = _trainable(model)
+    dev, dt = _device(model), params[0].dtype if params else torch.float32
+    key = (str(dev), dt)
+    if key not in _BNB_WORKS:  # one 8-bit step on a 4096-entry tensor: does this device have the kernel?
+        try:
+            probe = torch.zeros(4096, device=dev, dtype=dt, requires_grad=True)
+            probe.grad = torch.ones_like(probe)
+            p_opt = bnb.optim.AdamW8bit([probe], lr=1e-3, min_8bit_size=0)
+            p_opt.step()
+            if p_opt.state[probe]["state1"].dtype != torch.uint8 or not torch.isfinite(probe).all():
+                raise RuntimeError("the probe step did not keep 8-bit state")
+            _BNB_WORKS[key] = True
+        except Exception as e:  # NotImplementedError, RuntimeError from the dispatcher or the native library
+            raise OptimizerError(
+                f"adamw8bit: bitsandbytes {getattr(bnb, '__version__', '?')} has no 8-bit AdamW kernel for {dt} "
+                f"tensors on {dev} ({type(e).__name__}: {e}); bitsandbytes has CUDA kernels, and CPU ones in "
+                f"recent releases (pip install -U bitsandbytes)", "name") from e
+    return bnb.optim.AdamW8bit(params, **opts)
+
+
+def _microadam(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    dev = _device(model)
+    install = "pip install ista-daslab-optimizers ista-daslab-optimizers-cuda"
+    if dev.type != "cuda":
+        raise OptimizerError(
+            f"microadam runs only on a CUDA GPU: MicroAdam (ista-daslab-optimizers) is written as CUDA kernels "
+            f"(the ista_daslab_cuda_micro_adam and ista_daslab_cuda_tools extensions of ista-daslab-optimizers-cuda) "
+            f"and has no CPU code; this model is on {dev}. On a machine with a CUDA GPU and a CUDA build of torch: "
+            f"{install}", "name")
+    try:
+        from ista_daslab_optimizers import MicroAdam
+    except ImportError as e:
+        raise OptimizerError(
+            f"microadam needs ista-daslab-optimizers and its CUDA kernels ({e}): {install} (not in nanotune[peers]: "
+            f"it pulls torchvision, torchaudio, triton and wandb, and its kernels are built for a CUDA torch)",
+            "name") from e
+    for key, default in (("lr", 1e-3), ("m", 10), ("quant_block_size", 100_000), ("k_init", 0.01),
+                         ("weight_decay", 0.0)):
+        opts.setdefault(key, default)
+    _allow("microadam", opts, ("lr", "m", "quant_block_size", "k_init", "alpha", "betas", "eps", "weight_decay"))
+    return MicroAdam(_trainable(model), **opts)
+
+
+_PEER_BUILDERS: dict[str, Callable[[torch.nn.Module, dict[str, Any]], torch.optim.Optimizer]] = {
+    "galore": _galore, "adam-mini": _adam_mini, "adafactor": _adafactor, "adamw8bit": _adamw8bit,
+    "microadam": _microadam,
+}
 
 
 def _check_options(cls: type, opts: dict[str, Any], name: str) -> None:

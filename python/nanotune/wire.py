@@ -89,6 +89,13 @@ class BusyInfo(Model, kw_only=True):
     cancelling: bool
 
 
+class LoraConfig(Model, kw_only=True):
+    r: Annotated[int, Meta(ge=1)] | None = None  # the adapter's rank (default 8)
+    alpha: Annotated[float, Meta(gt=0)] | None = None  # lora_alpha: the update is scaled by alpha / r (default 16)
+    dropout: Annotated[float, Meta(ge=0, lt=1)] | None = None  # dropout on the adapter's input while training (default 0.05)
+    target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = msgspec.field(default=None, name="targetModules")  # module names (suffixes) that get an adapter, or "all-linear": every linear layer but the output head (default)
+
+
 class OptimizerGroup(Model, kw_only=True):
     sparse: bool
     tensors: Annotated[int, Meta(ge=0)]
@@ -126,7 +133,7 @@ class ChatMessage(Model, kw_only=True):
 
 
 class OptimizerConfig(Model, kw_only=True):
-    name: Literal["nanoadam", "adamw"]
+    name: Literal["nanoadam", "adamw", "galore", "adam-mini", "adafactor", "adamw8bit", "microadam"]  # nanoadam; adamw (the dense baseline); the peers galore, adam-mini, adafactor, adamw8bit, microadam (the sidecar's peers extra; microadam needs CUDA)
     lr: Annotated[float, Meta(ge=0)] | None = None
     betas: tuple[float, float] | None = None
     eps: Annotated[float, Meta(ge=0)] | None = None
@@ -254,6 +261,7 @@ class LoadModelParams(Model, kw_only=True):
     device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
     gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
     seed: int | None = None  # init seed of a preset (0: the shared cached build)
+    lora: LoraConfig | None = None
 
 
 class LoadModelResult(Model, kw_only=True):
@@ -261,10 +269,11 @@ class LoadModelResult(Model, kw_only=True):
     device: str
     dtype: str
     parameters: Annotated[int, Meta(ge=0)]
-    trainable_parameters: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainableParameters")
+    trainable_parameters: Annotated[int, Meta(ge=0)] = msgspec.field(name="trainableParameters")  # parameters that train: the adapter's alone with lora
     tied: list[list[str]]  # groups of names sharing one tensor
     param_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="paramBytes")
     model_type: str = msgspec.field(name="modelType")
+    lora: LoraConfig | None = None  # the adapter as built, defaults filled in; null: no adapter
     generation: Annotated[int, Meta(ge=0)]  # the new session generation: later calls of this run carry it
 
 
@@ -441,7 +450,7 @@ METHODS: dict[str, MethodSpec] = {
     "sample_weights": MethodSpec(SampleWeightsParams, SampleWeightsResult, "compute", "|w| vs |grad| of one tensor: weights, last-step gradients and mask membership at a fixed random sample of its entries."),
     "evaluate": MethodSpec(EvaluateParams, EvaluateResult, "compute", "Token-mean loss and perplexity on the held-out set."),
     "generate": MethodSpec(GenerateParams, GenerateResult, "compute", "Greedy (temperature 0) or sampled continuation of a prompt or chat messages."),
-    "save_checkpoint": MethodSpec(SaveCheckpointParams, SaveCheckpointResult, "compute", "Writes model (an HF directory), optimizer, data position, RNG and step atomically."),
+    "save_checkpoint": MethodSpec(SaveCheckpointParams, SaveCheckpointResult, "compute", "Writes model (an HF directory; with lora the adapter in PEFT's format), optimizer, data position, RNG and step atomically."),
     "load_checkpoint": MethodSpec(LoadCheckpointParams, LoadCheckpointResult, "compute", "Restores a checkpoint into the loaded model, optimizer and data (built the same way)."),
 }
 

@@ -3,7 +3,8 @@
 // the Python environment under NANOTUNE_HOME, then a plain `node` script (no tsx)
 // that imports "nanotune" and trains, and `npx nanotune demo`. No mocks; it
 // installs torch into a fresh virtualenv, so it takes a minute or two.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execa } from "execa";
@@ -40,7 +41,10 @@ beforeAll(() => {
   home = join(work, "home");
   mkdirSync(project);
 });
-afterAll(() => rmSync(work, { recursive: true, force: true }));
+// The test's Python environment holds ~40k files, which Node's recursive rm takes minutes
+// to delete on a loaded machine: asynchronously (the worker keeps answering vitest) and
+// with room to finish.
+afterAll(() => rm(work, { recursive: true, force: true }), 600_000);
 
 describe("the npm package", () => {
   it("packs dist/, the Python sources and the license, without tests, bench or TypeScript sources", async () => {

@@ -15,6 +15,7 @@ import { isUserError, NanotuneError } from "../errors.ts";
 import { packageRoot, packageVersion } from "../paths.ts";
 import { doctorCommand } from "./doctor.ts";
 import { evalCommand } from "./eval.ts";
+import { exportCommand } from "./export.ts";
 import { plotCommand } from "./plot.ts";
 import { runPython } from "./python.ts";
 import { setupCommand } from "./setup.ts";
@@ -126,6 +127,32 @@ options:
     options: { out: { type: "string" } },
     positionals: [1, 1, "a run directory"],
     run: ([runDir], values) => plotCommand(runDir!, { out: values.out as string | undefined }),
+  },
+  export: {
+    summary: "export <checkpoint>    a checkpoint's model as its own directory; --merge folds a LoRA adapter into its base",
+    usage: `usage: nanotune export <checkpointDir> --out DIR [--merge [--base DIR]]
+
+Writes the model of a checkpoint (<runDir>/checkpoints/step-N) to DIR. Without
+--merge model/ is copied as it is: for a LoRA run (model.lora) the adapter in
+PEFT's format (adapter_config.json, adapter_model.safetensors, the tokenizer),
+which peft.PeftModel.from_pretrained(base, DIR) loads; for a full run the HF
+model directory. With --merge the LoRA adapter is merged into its base model
+(merge_and_unload, on the CPU in float32, saved in the base's dtype): DIR is a
+plain HF directory that AutoModelForCausalLM.from_pretrained(DIR) loads without
+PEFT. The base is the directory the adapter config names (base_model_name_or_path,
+the model the run loaded); --base DIR gives another copy of it. DIR must not
+exist or be empty: nothing is overwritten. Prints DIR. See docs/lora.md.
+
+options:
+  --out DIR      the directory to write (required)
+  --merge        merge the LoRA adapter into its base (a plain HF directory)
+  --base DIR     with --merge: the base model directory (default: the adapter's)
+  -h, --help     show this help
+  --verbose      print stack traces of errors`,
+    options: { out: { type: "string" }, merge: { type: "boolean" }, base: { type: "string" } },
+    positionals: [1, 1, "a checkpoint directory"],
+    run: ([checkpoint], values) =>
+      exportCommand(checkpoint!, { out: values.out as string | undefined, merge: values.merge === true, base: values.base as string | undefined }),
   },
   demo: {
     summary: "demo                   a short two-task demo on a tiny Llama (what `npm start` runs)",

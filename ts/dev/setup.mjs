@@ -73,6 +73,6 @@ if (process.env.NANOTUNE_PYTHON) {
     }
     const pip = [ "-m", "pip", "install", "--disable-pip-version-check", "-q"];
     run(pythonExecutable(), [...pip, TORCH], "torch");
-    run(pythonExecutable(), [...pip, "-e", ".[dev]"], "sidecar package");
+    run(pythonExecutable(), [...pip, "-e", ".[dev,peers]"], "sidecar package");
   });
 }

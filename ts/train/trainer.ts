@@ -94,8 +94,8 @@ export class Trainer {
     this.lr = toScheduleOption(this.config.lr);
     this.initialPolicy = this.config.optimizer.name === "nanoadam" ? toPolicy(this.config.maskPolicy, this.config.optimizer.density ?? 0.01) : null;
     this.policy = this.initialPolicy;
-    if (this.config.optimizer.name === "adamw" && this.config.maskPolicy !== undefined) {
-      throw new ConfigError("Trainer options", [{ path: "maskPolicy", message: "needs optimizer.name 'nanoadam' (AdamW updates every entry)" }]);
+    if (this.config.optimizer.name !== "nanoadam" && this.config.maskPolicy !== undefined) {
+      throw new ConfigError("Trainer options", [{ path: "maskPolicy", message: `needs optimizer.name 'nanoadam' (${this.config.optimizer.name} has no mask)` }]);
     }
   }
 
@@ -106,7 +106,7 @@ export class Trainer {
 
   /** Swaps the mask policy; it takes effect at the next step, which refreshes the mask with it (event policy:swapped). */
   setMaskPolicy(policy: MaskPolicy): void {
-    if (this.initialPolicy === null) throw new NanotuneError("INVALID_ARGUMENT", "setMaskPolicy: the optimizer is adamw; mask policies need nanoadam");
+    if (this.initialPolicy === null) throw new NanotuneError("INVALID_ARGUMENT", `setMaskPolicy: the optimizer is ${this.config.optimizer.name}; mask policies need nanoadam`);
     this.pendingPolicy = policy;
   }
 
