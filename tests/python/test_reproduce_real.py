@@ -90,19 +90,38 @@ def test_quick_run_writes_every_artefact(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         json.loads((tmp_path / f"{name}.json").read_text())
     ablation = json.loads((tmp_path / "ablation.json").read_text())
-    assert [(r["criterion"], r["lr"]) for r in ablation["runs"]] == [
-        ("small_weights", 1e-3), ("large_weights", 1e-3), ("random", 1e-3), ("large_grads", 1e-3),
-        ("small_weights", 3e-3), ("large_grads", 3e-3)]
+    expected = []
+    for bc in (False, True):  # every rule at 1e-3, then small_weights and large_grads at 3x and 10x, off then on
+        expected += [(c, 1e-3, bc) for c in ("small_weights", "large_weights", "random", "large_grads")]
+        expected += [(c, lr, bc) for lr in (3e-3, 1e-2) for c in ("small_weights", "large_grads")]
+    assert [(r["criterion"], r["lr"], r["bias_correction"]) for r in ablation["runs"]] == expected
     for r in ablation["runs"]:
         assert r["steps"][0] == 0 and r["steps"][-1] == LabConfig.quick().finetune_steps
         assert len(r["train_loss"]) == LabConfig.quick().finetune_steps and r["final"]["l2_all"] > 0
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| small_weights | on | 0.001 |" in md and "| large_grads | off | 0.01 |" in md
+    assert "Order at lr 0.001, bias correction on, by B learned" in md
     continual = json.loads((tmp_path / "continual.json").read_text())
     sweep = continual["sweep"]
+    assert list(sweep) == ["adamw", "nanoadam", "nanoadam_bc"]
     assert [r["lr"] for r in sweep["adamw"]] == [1e-4, 3e-4, 1e-3]
-    best = continual["best"]["nanoadam"]["final"]["avg_loss"]
-    assert best == min(r["final"]["avg_loss"] for r in sweep["nanoadam"])
+    for key, bc in (("nanoadam", False), ("nanoadam_bc", True)):
+        lrs = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+        assert [(r["lr"], r["bias_correction"]) for r in sweep[key]] == [(lr, bc) for lr in lrs]
+        best = continual["best"][key]
+        assert best["final"]["avg_loss"] == min(r["final"]["avg_loss"] for r in sweep[key])
+        assert continual["best_lr_by_b_loss"][key] == min(sweep[key], key=lambda r: r["final"]["b_loss"])["lr"]
+    # Bias correction changes the updates: the two NanoAdam sweeps differ after the first step.
+    assert sweep["nanoadam"][2]["train_loss"][0] == sweep["nanoadam_bc"][2]["train_loss"][0]
+    assert sweep["nanoadam"][2]["train_loss"][1:] != sweep["nanoadam_bc"][2]["train_loss"][1:]
+    md = (tmp_path / "continual.md").read_text()
+    assert "| **NanoAdam, bias corr. on** |" in md and "| NanoAdam, bias corr. off | 0.01 |" in md
+    assert "Chosen lr relative to AdamW's:" in md
     # The small-weights runs of the ablation are the continual sweep's NanoAdam runs, computed once.
-    assert sweep["nanoadam"][2]["train_loss"] == ablation["runs"][0]["train_loss"]
+    runs = {(r["criterion"], r["lr"], r["bias_correction"]): r for r in ablation["runs"]}
+    for key, bc in (("nanoadam", False), ("nanoadam_bc", True)):
+        for i, lr in ((2, 1e-3), (3, 3e-3), (4, 1e-2)):
+            assert sweep[key][i]["train_loss"] == runs[("small_weights", lr, bc)]["train_loss"]
     ov = json.loads((tmp_path / "star.json").read_text())["overlap"]
     assert set(ov) == {"finetune", "scratch"} and all(0 <= v["mean_blocks"] <= 1 for v in ov["finetune"].values())
     assert "| mean of the" in (tmp_path / "star.md").read_text()
@@ -116,3 +135,16 @@ def test_lab_caches_finetuning_runs():
     first = lab.finetune("adamw", 1e-3)
     assert lab.finetune("adamw", 1e-3) is first
     assert lab.finetune("nanoadam", 1e-3, "random") is not lab.finetune("nanoadam", 1e-3, "small_weights")
+    on = lab.finetune("nanoadam", 1e-3, "small_weights", bias_correction=True)
+    assert on is not lab.finetune("nanoadam", 1e-3, "small_weights") and on.bias_correction is True
+    assert lab.finetune("nanoadam", 1e-3, "small_weights", True) is on
+    assert lab.finetune("adamw", 1e-3, bias_correction=True) is first and first.bias_correction is None
+
+
+@pytest.mark.parametrize("bc", [False, True])
+def test_lab_optimizer_sets_the_sparse_bias_correction_and_keeps_the_dense_default(bc):
+    lab = Lab(LabConfig.quick(), log=lambda *_: None).prepare()
+    opt = lab.optimizer(lab.new_model(), "nanoadam", "small_weights", 1e-3, bias_correction=bc)
+    sparse = [g["bias_correction"] for g in opt.param_groups if g.get("sparse", True)]
+    dense = [g["bias_correction"] for g in opt.param_groups if not g.get("sparse", True)]
+    assert sparse and dense and set(sparse) == {bc} and set(dense) == {True}

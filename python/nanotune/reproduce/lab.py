@@ -8,7 +8,12 @@ for `pretrain_steps`, then finetuned on corpus B (SpamAssassin bodies). One
 Lab pretrains once; every experiment of the same process reuses it, and
 finetuning runs with the same settings are computed once (`Lab.finetune`
 caches them), so the ablation's small-weights run at lr x is the continual
-experiment's NanoAdam run at lr x.
+experiment's NanoAdam run at lr x (with the same bias correction).
+
+NanoAdam runs name their sparse groups' `bias_correction` explicitly (both
+values are reproduced, so a change of the optimizer's default does not move a
+row); the dense group (the norms; the head is tied to the embedding and
+sparse) keeps the optimizer's default, bias-corrected torch Adam.
 
 Every finetuning run sees the same batches in the same order (one seeded
 order for the whole Lab), at a constant lr, without gradient clipping (a
@@ -72,6 +77,7 @@ class Run:
     optimizer: str  # "adamw" or "nanoadam"
     criterion: str | None  # NanoAdam's criterion; None for AdamW
     lr: float
+    bias_correction: bool | None = None  # NanoAdam's sparse groups (Note [bias correction]); None for AdamW
     steps: list[int] = field(default_factory=list)  # curve steps
     b_loss: list[float] = field(default_factory=list)  # held-out B loss at those steps
     a_loss: list[float] = field(default_factory=list)  # held-out A loss at those steps
@@ -82,7 +88,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        name = "AdamW" if self.optimizer == "adamw" else f"NanoAdam {self.criterion}"
+        name = "AdamW" if self.optimizer == "adamw" else \
+            f"NanoAdam {self.criterion} (bias correction {'on' if self.bias_correction else 'off'})"
         return f"{name}, lr {self.lr:g}"
 
 
@@ -228,11 +235,13 @@ class Lab:
 
     # ------------------------------------------------------------------ finetuning on B
 
-    def optimizer(self, model, optimizer: str, criterion: str | None, lr: float):
+    def optimizer(self, model, optimizer: str, criterion: str | None, lr: float, bias_correction: bool = False):
+        """AdamW, or NanoAdam with `bias_correction` in its sparse groups (the dense group: the default)."""
         if optimizer == "adamw":
             return create_optimizer(model, "adamw", lr=lr)
         return create_optimizer(model, "nanoadam", lr=lr, density=self.cfg.density,
-                                mask_interval=self.cfg.mask_interval, criterion=criterion, seed=self.cfg.seed)
+                                mask_interval=self.cfg.mask_interval, criterion=criterion, seed=self.cfg.seed,
+                                bias_correction=bool(bias_correction))
 
     def train_on_b(self, model, opt, lr: float, steps: int, run: Run | None = None,
                    before_step: Callable[[int, torch.nn.Module, dict], Any] | None = None) -> None:
@@ -256,16 +265,19 @@ class Lab:
                     run.diverged_at = step
                     return
 
-    def finetune(self, optimizer: str, lr: float, criterion: str | None = None) -> Run:
-        """Finetune the pretrained model on B (cached per (optimizer, criterion, lr))."""
-        key = (optimizer, criterion if optimizer == "nanoadam" else None, float(lr))
+    def finetune(self, optimizer: str, lr: float, criterion: str | None = None,
+                 bias_correction: bool = False) -> Run:
+        """Finetune the pretrained model on B (cached per (optimizer, criterion, lr, bias_correction));
+        criterion and bias_correction are NanoAdam's (ignored for AdamW)."""
+        nano = optimizer == "nanoadam"
+        key = (optimizer, criterion if nano else None, float(lr), bool(bias_correction) if nano else None)
         if key in self.runs:
             return self.runs[key]
         self.prepare()
         t0 = time.perf_counter()
-        run = Run(optimizer, key[1], float(lr))
+        run = Run(optimizer, key[1], float(lr), key[3])
         model = self.new_model()
-        opt = self.optimizer(model, optimizer, key[1], lr)
+        opt = self.optimizer(model, optimizer, key[1], lr, bool(key[3]))
         self.train_on_b(model, opt, lr, self.cfg.finetune_steps, run)
         if run.diverged_at is None:
             a, b = self.loss(model, "a_heldout"), self.loss(model, "b_heldout")
