@@ -737,6 +737,12 @@ def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer, path: Path
             for k in ("refreshed_at",):
                 if k in st and not (isinstance(st[k], int) and st[k] >= 0):
                     raise bad(f"{name}: {k} is {st[k]!r}", f"{where}.{k}")
+            age = st.get("age")  # Note [bias correction]: each entry's age at the last refresh
+            if age is not None and not (torch.is_tensor(age) and age.dim() == 1 and age.numel() == idx.numel()
+                                        and age.dtype in (torch.int16, torch.int32)
+                                        and (age.numel() == 0 or int(age.min()) >= 0)):
+                raise bad(f"{name}: age is not a non-negative 1-d int16/int32 tensor of the mask's {idx.numel()} "
+                          f"entries", f"{where}.age")
         elif sparse_nano:
             if "exp_avg" in st or "exp_avg_sq" in st:
                 raise bad(f"{name}: moments without a mask", where)

@@ -164,3 +164,28 @@ def test_extra_must_be_json(tiny, tmp_path):
     state = json.loads((save_checkpoint(tmp_path / "d", tiny.model, tiny.tokenizer, None, None, 0,
                                         {"lr": [1, 2]}) / "trainer_state.json").read_text())
     assert state["extra"] == {"lr": [1, 2]} and "model/model.safetensors" in state["files"]
+
+
+@pytest.mark.parametrize("corrupt", ["negative", "length", "dtype"])
+def test_a_corrupt_bias_correction_age_is_named_before_anything_loads(tiny_dir, data, tmp_path, corrupt):
+    # Note [bias correction]: with carried moments each selected entry stores its age (int16).
+    lm = load_model("tiny-llama", device="cpu")
+    opt = create_optimizer(lm.model, "nanoadam", density=0.1, mask_interval=2)
+    it = data.batches(3)
+    run(lm, opt, it, 3)
+    save_checkpoint(tmp_path / "ckpt", lm.model, lm.tokenizer, opt, it.state_dict(), step=3)
+    sd = torch.load(tmp_path / "ckpt" / "optimizer.pt", weights_only=True)
+    sid, st = next((k, v) for k, v in sd["state"].items() if "age" in v)
+    st["age"] = {"negative": st["age"] - 100, "length": st["age"][:-1], "dtype": st["age"].float()}[corrupt]
+    torch.save(sd, tmp_path / "ckpt" / "optimizer.pt")
+    meta = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())  # a well-formed file with a bad age
+    meta["files"]["optimizer.pt"] = (tmp_path / "ckpt" / "optimizer.pt").stat().st_size
+    (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps(meta))
+    lm2 = load_model("tiny-llama", device="cpu")
+    opt2 = create_optimizer(lm2.model, "nanoadam", density=0.1, mask_interval=2)
+    before = {k: v.clone() for k, v in lm2.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"age is not a non-negative 1-d int16/int32 tensor") as e:
+        load_checkpoint(tmp_path / "ckpt", model=lm2.model, optimizer=opt2)
+    assert f"state.{sid}.age" in str(e.value) or f"state.{sid}.age" in str(getattr(e.value, "data", ""))
+    assert all(torch.equal(v, lm2.model.state_dict()[k]) for k, v in before.items())
+    assert not opt2.state  # nothing applied

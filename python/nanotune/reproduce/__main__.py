@@ -71,10 +71,20 @@ def _run(args) -> int:
             return 1
         times[name] = round(time.perf_counter() - t0, 1)
         print(f"== {name}: {times[name]:.0f}s", flush=True)
-    times["total"] = round(time.perf_counter() - start, 1)
-    (args.out / "runtime.json").write_text(json.dumps({"seconds": times, "quick": args.quick,
-                                                       "torch_threads": torch.get_num_threads()}, indent=1) + "\n")
-    print(f"== total: {times['total']:.0f}s", flush=True)
+    elapsed = round(time.perf_counter() - start, 1)
+    # --only updates its parts of runtime.json and keeps the others' last times (same mode);
+    # the total is the sum of the parts, so it stays the time of a full run.
+    path = args.out / "runtime.json"
+    try:
+        old = json.loads(path.read_text()) if args.only else {}
+    except (OSError, ValueError):
+        old = {}
+    if old.get("quick") == args.quick:
+        times = {**{k: v for k, v in old.get("seconds", {}).items() if k != "total"}, **times}
+    times["total"] = round(sum(times.values()), 1)
+    path.write_text(json.dumps({"seconds": times, "quick": args.quick, "torch_threads": torch.get_num_threads()},
+                               indent=1) + "\n")
+    print(f"== total: {elapsed:.0f}s this run ({times['total']:.0f}s for every part)", flush=True)
     return 0
 
 
