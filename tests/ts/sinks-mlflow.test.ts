@@ -9,8 +9,9 @@ import { policies, schedules, type Sidecar, type Sink, sinks, Trainer, type Trai
 import { packageVersion } from "../../ts/paths.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
+import { expectedScalars } from "./fixtures/scalars.ts";
 import { type MlflowServer, startMlflowServer, waitFor } from "./fixtures/servers.ts";
-import { collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
+import { collect, startTinyRun, steps, stopTinyRun, sinkRunConfig } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -32,18 +33,7 @@ afterAll(async () => {
   await stopTinyRun({ dir, sc });
 });
 
-const config = (extra: Record<string, unknown> = {}) => ({
-  model: { path: "tiny-llama", device: "cpu" },
-  data: { path: dataPath, cutoff: 64, seed: 1, evalFraction: 0.1 },
-  optimizer: { name: "nanoadam" as const, density: 0.1 },
-  steps: 6,
-  microBatch: 2,
-  lr: 1e-2,
-  maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 2 }),
-  evalEvery: 3,
-  progress: false,
-  ...extra,
-});
+const config = (extra: Record<string, unknown> = {}) => sinkRunConfig(dataPath, extra);
 
 interface ReadRun {
   count: number;
@@ -87,30 +77,6 @@ function dotted(obj: Record<string, unknown>, prefix = ""): Record<string, strin
   return out;
 }
 
-/** What the events say each metric's history is: metric -> [step, value]. */
-function expectedMetrics(events: TrainerEvent[]): Record<string, [number, number][]> {
-  const want: Record<string, [number, number][]> = {};
-  const add = (key: string, step: number, v: number | null) => v !== null && (want[key] ??= []).push([step, v]);
-  for (const ev of events) {
-    if (ev.type === "train:step") {
-      add("train/loss", ev.step, ev.loss);
-      add("train/lr", ev.step, ev.lr);
-      add("train/density", ev.step, ev.density);
-      add("train/grad_norm", ev.step, ev.gradNorm);
-      add("train/tokens_per_s", ev.step, ev.tokensPerS);
-    }
-    if (ev.type === "eval") {
-      add("eval/loss", ev.step, ev.loss);
-      add("eval/perplexity", ev.step, ev.perplexity);
-    }
-    if (ev.type === "mask:refreshed") add("mask/refreshed", ev.step, 1);
-    if (ev.type === "policy:swapped") add("policy/swapped", ev.step, 1);
-    if (ev.type === "step:skipped") add("train/skipped", ev.step, 1);
-    if (ev.type === "checkpoint:saved") add("checkpoint/time_s", ev.step, ev.timeS);
-  }
-  for (const v of Object.values(want)) v.sort((a, b) => a[0] - b[0]);
-  return want;
-}
 
 /** The last step the server holds for a run's metric (MLflow's REST API, runs/search), or undefined. */
 async function latestStep(runName: string, key: string): Promise<number | undefined> {
@@ -158,7 +124,7 @@ describe("sinks.mlflow", () => {
 
     // metrics: each full history equals the events, as doubles (JSON carries a double
     // exactly, MLflow's SQL store keeps it as one, and Python's json writes it back exactly)
-    const want = expectedMetrics(events);
+    const want = expectedScalars(events);
     expect(Object.keys(want).sort()).toEqual(
       ["train/loss", "train/lr", "train/density", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity", "mask/refreshed", "policy/swapped", "checkpoint/time_s"].sort(),
     );
@@ -224,14 +190,14 @@ describe("sinks.mlflow", () => {
     expect(killed.info.status).toBe("KILLED");
     expect(killed.info.end_time).toBeGreaterThanOrEqual(killed.info.start_time);
     expect(killed.tags).toMatchObject({ "nanotune.end_reason": "interrupted", "checkpoint.latest": end.checkpoint, [`checkpoint.${end.step}`]: end.checkpoint });
-    expect(withoutTime(killed.metrics)).toEqual(expectedMetrics(interrupted));
+    expect(withoutTime(killed.metrics)).toEqual(expectedScalars(interrupted));
 
     const failed = runs["non-finite"]!;
     expect(failed.count).toBe(1);
     expect(failed.info.status).toBe("FAILED");
     expect(failed.info.end_time).toBeGreaterThanOrEqual(failed.info.start_time);
     expect(failed.tags["nanotune.end_reason"]).toBe("non-finite");
-    expect(withoutTime(failed.metrics)).toEqual(expectedMetrics(nonFinite));
+    expect(withoutTime(failed.metrics)).toEqual(expectedScalars(nonFinite));
     expect(failed.metrics["train/loss"]!.map(([s]) => s)).toEqual(steps(nonFinite).map((s) => s.step));
     expect(failed.params).toMatchObject({ "lr.type": "custom", "lr.name": "spike", "maskPolicy.perTensor": '{"mlp\\\\.down_proj":0.05}' });
     const full = JSON.stringify(exclude);
@@ -286,7 +252,7 @@ describe("sinks.mlflow", () => {
     expect(run.info.status).toBe("RUNNING");
     expect(run.info.end_time).toBeNull();
     const loss = withoutTime(run.metrics)["train/loss"]!;
-    const want = expectedMetrics(events)["train/loss"]!;
+    const want = expectedScalars(events)["train/loss"]!;
     expect(loss.length).toBeGreaterThanOrEqual(2);
     expect(loss.length).toBeLessThan(want.length);
     expect(loss).toEqual(want.slice(0, loss.length));

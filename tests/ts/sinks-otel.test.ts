@@ -7,7 +7,7 @@ import { DataPointType, MeterProvider, MetricReader, type MetricData } from "@op
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError, policies, schedules, type Sidecar, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
 import { freePort } from "./fixtures/servers.ts";
-import { collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
+import { collect, startTinyRun, steps, stopTinyRun, sinkRunConfig } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -16,18 +16,7 @@ let dataPath: string;
 beforeAll(async () => ({ dir, dataPath, sc } = await startTinyRun("nanotune-otel-")));
 afterAll(() => stopTinyRun({ dir, sc }));
 
-const config = (extra: Record<string, unknown> = {}) => ({
-  model: { path: "tiny-llama", device: "cpu" },
-  data: { path: dataPath, cutoff: 64, seed: 1, evalFraction: 0.1 },
-  optimizer: { name: "nanoadam" as const, density: 0.1 },
-  steps: 6,
-  microBatch: 2,
-  lr: 1e-2,
-  maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 2 }),
-  evalEvery: 3,
-  progress: false,
-  ...extra,
-});
+const config = (extra: Record<string, unknown> = {}) => sinkRunConfig(dataPath, extra);
 
 /** A reader collected from explicitly: nothing depends on a timer. */
 class Reader extends MetricReader {

@@ -7,7 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { policies, Sidecar, type Sink, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
-import { cacheEnv, startTinyRun, stopTinyRun } from "./fixtures/tiny-run.ts";
+import { expectedScalars } from "./fixtures/scalars.ts";
+import { cacheEnv, startTinyRun, stopTinyRun, sinkRunConfig } from "./fixtures/tiny-run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -17,18 +18,7 @@ const env = () => cacheEnv(dir);
 beforeAll(async () => ({ dir, dataPath, sc } = await startTinyRun("nanotune-sinks-")));
 afterAll(() => stopTinyRun({ dir, sc }));
 
-const config = (extra: Record<string, unknown> = {}) => ({
-  model: { path: "tiny-llama", device: "cpu" },
-  data: { path: dataPath, cutoff: 64, seed: 1, evalFraction: 0.1 },
-  optimizer: { name: "nanoadam" as const, density: 0.1 },
-  steps: 6,
-  microBatch: 2,
-  lr: 1e-2,
-  maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 2 }),
-  evalEvery: 3,
-  progress: false,
-  ...extra,
-});
+const config = (extra: Record<string, unknown> = {}) => sinkRunConfig(dataPath, extra);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -146,23 +136,7 @@ print(json.dumps(out))
     const read = JSON.parse(r.stdout) as { scalars: Record<string, [number, number][]>; text: Record<string, [number, string][]>; plugins: Record<string, string> };
 
     // What the Trainer's events said, as float32.
-    const want: Record<string, [number, number][]> = {};
-    const add = (tag: string, step: number, v: number | null) => v !== null && (want[tag] ??= []).push([step, Math.fround(v)]);
-    for (const ev of events) {
-      if (ev.type === "train:step") {
-        add("train/loss", ev.step, ev.loss);
-        add("train/lr", ev.step, ev.lr);
-        add("train/density", ev.step, ev.density);
-        add("train/grad_norm", ev.step, ev.gradNorm);
-        add("train/tokens_per_s", ev.step, ev.tokensPerS);
-      }
-      if (ev.type === "eval") {
-        add("eval/loss", ev.step, ev.loss);
-        add("eval/perplexity", ev.step, ev.perplexity);
-      }
-      if (ev.type === "mask:refreshed") add("mask/refreshed", ev.step, 1);
-      if (ev.type === "policy:swapped") add("policy/swapped", ev.step, 1);
-    }
+    const want = expectedScalars(events, Math.fround);
     expect(Object.keys(want).sort()).toEqual(
       ["train/loss", "train/lr", "train/density", "train/grad_norm", "train/tokens_per_s", "eval/loss", "eval/perplexity", "mask/refreshed", "policy/swapped"].sort(),
     );

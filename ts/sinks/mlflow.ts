@@ -65,6 +65,7 @@ import { userInfo } from "node:os";
 import { ConfigError } from "../errors.ts";
 import { packageVersion } from "../paths.ts";
 import type { TrainerEvent } from "../train/events.ts";
+import { scalarsOf } from "./scalars.ts";
 import type { Sink } from "./sink.ts";
 
 export interface MlflowOptions {
@@ -408,35 +409,21 @@ export function mlflow(options: MlflowOptions = {}): Sink {
         if (runId === null || ended) return; // no run (its start failed, or it has ended)
         const now = Date.now();
         let sendNow = false;
+        for (const [key, value] of scalarsOf(ev)) metric(key, value, ev.step, now); // the same curves as sinks.tensorboard
         switch (ev.type) {
           case "train:step":
-            metric("train/loss", ev.loss, ev.step, now);
-            metric("train/lr", ev.lr, ev.step, now);
-            metric("train/density", ev.density, ev.step, now);
-            metric("train/grad_norm", ev.gradNorm, ev.step, now);
-            metric("train/tokens_per_s", ev.tokensPerS, ev.step, now);
             if (ev.policy !== null && ev.policy !== policy) tag("policy", (policy = ev.policy));
             break;
           case "eval":
-            metric("eval/loss", ev.loss, ev.step, now);
-            metric("eval/perplexity", ev.perplexity, ev.step, now);
             sendNow = true;
             break;
-          case "mask:refreshed":
-            metric("mask/refreshed", 1, ev.step, now);
-            break;
           case "policy:swapped":
-            metric("policy/swapped", 1, ev.step, now);
             tag("policy", (policy = ev.to));
             tag("policy.spec", JSON.stringify(ev.spec));
             tag("policy.last_swap", `step ${ev.step}: ${ev.from ?? "none"} -> ${ev.to}`);
             sendNow = true;
             break;
-          case "step:skipped":
-            metric("train/skipped", 1, ev.step, now);
-            break;
           case "checkpoint:saved":
-            metric("checkpoint/time_s", ev.timeS, ev.step, now);
             tag("checkpoint.latest", ev.path);
             tag(`checkpoint.${ev.step}`, ev.path);
             sendNow = true;

@@ -12,6 +12,7 @@ import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import type { TrainerEvent } from "../train/events.ts";
+import { scalarsOf } from "./scalars.ts";
 import type { Sink } from "./sink.ts";
 
 // --- CRC32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven -----------
@@ -95,40 +96,19 @@ function event(wallTime: number, body: { step: number; values: Buffer[] } | { fi
   return Buffer.concat(parts);
 }
 
-/** The summary values one Trainer event becomes (none for most). */
+/** The summary values one Trainer event becomes (none for most): the config as text, the rest scalars.ts's table. */
 function values(ev: TrainerEvent): Buffer[] {
-  const scalars = (pairs: [string, number | null][]) => pairs.filter((p): p is [string, number] => p[1] !== null).map(([t, v]) => scalarValue(t, v));
-  switch (ev.type) {
-    case "run:start":
-      return [textValue("config", JSON.stringify(ev.config, null, 2))];
-    case "train:step":
-      return scalars([
-        ["train/loss", ev.loss],
-        ["train/lr", ev.lr],
-        ["train/density", ev.density],
-        ["train/grad_norm", ev.gradNorm],
-        ["train/tokens_per_s", ev.tokensPerS],
-      ]);
-    case "eval":
-      return scalars([
-        ["eval/loss", ev.loss],
-        ["eval/perplexity", ev.perplexity],
-      ]);
-    case "mask:refreshed":
-      return scalars([["mask/refreshed", 1]]);
-    case "policy:swapped":
-      return scalars([["policy/swapped", 1]]);
-    default:
-      return [];
-  }
+  if (ev.type === "run:start") return [textValue("config", JSON.stringify(ev.config, null, 2))];
+  return scalarsOf(ev).map(([tag, v]) => scalarValue(tag, v));
 }
 
 /**
  * TensorBoard event files in `logdir` (created), one per run:
- * `events.out.tfevents.<unix seconds>.<hostname>.<pid>.nanotune`. Scalars train/loss,
- * train/lr, train/density, train/grad_norm, train/tokens_per_s (each train:step),
- * eval/loss, eval/perplexity, mask/refreshed and policy/swapped (1 at those steps), and
- * the resolved config as text ("config") at run:start. Each record is written at once.
+ * `events.out.tfevents.<unix seconds>.<hostname>.<pid>.nanotune`. The scalars of
+ * scalars.ts (train/loss, train/lr, train/density, train/grad_norm, train/tokens_per_s,
+ * eval/loss, eval/perplexity, mask/refreshed, policy/swapped, train/skipped,
+ * checkpoint/time_s) at their events' steps, and the resolved config as text ("config")
+ * at run:start. Each record is written at once.
  */
 export function tensorboard(logdir: string): Sink {
   let fd: number | null = null;
