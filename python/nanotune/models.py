@@ -343,11 +343,13 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 
 
 def add_lora(model: torch.nn.Module, r: int | None = None, alpha: float | None = None, dropout: float | None = None,
-             target_modules: str | list[str] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+             target_modules: str | list[str] | None = None, seed: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Wraps `model` in a LoRA adapter (peft.get_peft_model, adapter "default"): the base
     weights are frozen and only lora_A/lora_B train. None takes LORA_DEFAULTS. Returns the
     PEFT model and the settings used (target_modules as given: a list or "all-linear").
-    lora_B starts at zero, so the wrapped model computes exactly what the base does."""
+    lora_B starts at zero, so the wrapped model computes exactly what the base does.
+    seed: seeds torch's RNG before the adapter is built, so lora_A's random init and the
+    adapter's dropout that follows are the same on every run (None: the RNG as it is)."""
     from peft import LoraConfig, get_peft_model
 
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
@@ -358,6 +360,8 @@ def add_lora(model: torch.nn.Module, r: int | None = None, alpha: float | None =
     targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else list(cfg["target_modules"])
     config = LoraConfig(r=int(cfg["r"]), lora_alpha=cfg["alpha"], lora_dropout=float(cfg["dropout"]),
                         target_modules=targets, task_type="CAUSAL_LM")
+    if seed is not None:
+        torch.manual_seed(seed)
     try:
         with peft_quiet():
             wrapped = get_peft_model(model, config)
@@ -431,7 +435,8 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     device: "auto" (default) = default_device if given (the sidecar's device), else cuda if
         available, else cpu; or "cpu", "cuda", "cuda:1", ... (see resolve_device).
     gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
-    seed: the init seed of a preset (0, the default, is the shared cached build); unused for directories.
+    seed: the init seed of a preset (0, the default, is the shared cached build); with lora
+        also the seed of the adapter's init and dropout (add_lora), so a LoRA run repeats exactly.
     lora: wrap the model in a LoRA adapter (add_lora's keyword arguments: r, alpha, dropout,
         target_modules; absent ones take LORA_DEFAULTS); `model` is then a PEFT model whose
         only trainable parameters are the adapter's.
@@ -469,7 +474,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         model.config.use_cache = False
     lora_cfg = None
     if lora is not None:
-        model, lora_cfg = add_lora(model, **lora)
+        model, lora_cfg = add_lora(model, **lora, seed=seed)  # a LoRA run is reproducible from load_model's seed
         # the pointer a saved adapter keeps to its base (adapter_config.json): absolute, so it
         # loads from anywhere (Note [adapter checkpoints] in checkpoint.py)
         model.peft_config[model.active_adapter].base_model_name_or_path = str(path.resolve())

@@ -307,3 +307,15 @@ def test_export_errors_name_what_is_wrong(data_path, tmp_path, capsys):
     assert export_main([str(tmp_path / "full"), "--out", str(tmp_path / "out3"), "--merge"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nanotune: export: checkpoint ") and "has no adapter to merge" in err
+
+
+def test_a_lora_run_repeats_exactly_from_load_models_seed(data_path):
+    # lora_A's random init and the adapter's dropout come from the seed (add_lora), so two runs in
+    # one process, whatever the RNG did in between, give the same losses and adapter weights.
+    first = session(data_path)
+    a = steps(first, 6)
+    torch.rand(1000)  # the RNG moves on between the runs
+    second = session(data_path)
+    assert steps(second, 6) == a
+    for (n, p), (_, q) in zip(first.loaded.model.named_parameters(), second.loaded.model.named_parameters()):
+        assert torch.equal(p, q), n
