@@ -379,7 +379,7 @@ class Session:
         if self.watch is None or (self.watch.name, self.watch.count) != (name, count) or self.watch.param is not param:
             self.watch = _Watch(name, param, count)
         w = self.watch
-        weights = w.weights if w.step is not None else param.detach().reshape(-1)[w.indices.to(param.device)].float().cpu()
+        weights = w.weights if w.step is not None else w.at_sample(param)
         in_mask = None
         if name in masked:
             mask = self.optimizer.masks({name}).get(name)  # absent before the first refresh
@@ -551,13 +551,14 @@ class _Watch:
         self.step: int | None = None  # the session's step counter after the observed step
         self.weights: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
-        self.pending_step = 0
+
+    def at_sample(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (the parameter or its gradient) at the sampled entries, as float32 on the CPU."""
+        return t.detach().reshape(-1)[self.indices.to(t.device)].float().cpu()
 
     def observe(self, step: int) -> None:
-        idx = self.indices.to(self.param.device)
-        self.weights = self.param.detach().reshape(-1)[idx].float().cpu()
-        g = self.param.grad
-        self.grads = None if g is None else g.reshape(-1)[idx].float().cpu()
+        self.weights = self.at_sample(self.param)
+        self.grads = None if self.param.grad is None else self.at_sample(self.param.grad)
         self.step = step + 1
 
 
