@@ -82,7 +82,7 @@ export class Trainer {
   private stopRequested = false;
   /** Wakes a loop waiting while paused (resume, stop). */
   private wake: (() => void) | null = null;
-  /** The session generation of the run in progress (sampleWeights carries it). */
+  /** The session generation of the run in progress: every call of the run carries it, and so does sampleWeights (Note [one run per sidecar]). */
   private generation: number | undefined;
   /** The tail of this Trainer's sidecar calls (Note [one call at a time]). */
   private lastCall: Promise<unknown> = Promise.resolve();
@@ -197,7 +197,6 @@ export class Trainer {
     let step = 0;
     let lastLoss: number | null = null;
     let saved: { step: number; path: string | null } = { step: 0, path: null }; // the last checkpoint (or the one resumed from)
-    let generation: number | undefined;
     this.generation = undefined;
     // Sinks get events through per-sink queues (ts/sinks/buffer.ts): a slow sink does not
     // slow the steps and a failing one does not end the run; its sink:error is yielded here.
@@ -221,7 +220,7 @@ export class Trainer {
     const save = async (done: number) => {
       const path = join(resolve(cfg.runDir!), "checkpoints", `step-${String(done).padStart(6, "0")}`);
       const policy = this.policyState();
-      const r = await this.call("save_checkpoint", { path, generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
+      const r = await this.call("save_checkpoint", { path, generation: this.generation, extra: { config: jsonConfig(cfg), policy } }, stepCall);
       saved = { step: done, path: r.path };
       return { type: "checkpoint:saved", step: done, path: r.path, timeS: r.timeS } as const;
     };
@@ -229,16 +228,16 @@ export class Trainer {
     try {
       this.writeConfig();
       const model = await this.call("load_model", typeof cfg.model === "string" ? { path: cfg.model } : cfg.model, setupCall);
-      generation = this.generation = model.generation;
+      this.generation = model.generation;
       const dataParams: Params<"load_dataset"> = typeof cfg.data === "string" ? { path: cfg.data } : cfg.data;
-      const data = await this.call("load_dataset", { ...dataParams, generation }, setupCall);
+      const data = await this.call("load_dataset", { ...dataParams, generation: this.generation }, setupCall);
       const { name, ...optOpts } = cfg.optimizer;
       // NanoAdam without maskInterval refreshes only when told: this loop decides.
-      const optimizer = await this.call("create_optimizer", { name, ...optOpts, generation }, setupCall);
-      generation = this.generation = optimizer.generation;
+      const optimizer = await this.call("create_optimizer", { name, ...optOpts, generation: this.generation }, setupCall);
+      this.generation = optimizer.generation;
       if (cfg.resumeFrom) {
         const path = resolve(cfg.resumeFrom);
-        const resumed = await this.call("load_checkpoint", { path, generation }, setupCall);
+        const resumed = await this.call("load_checkpoint", { path, generation: this.generation }, setupCall);
         step = resumed.step;
         saved = { step, path: resumed.path };
         this.lastDecision = resumed.extra.mask ?? null;
@@ -260,7 +259,7 @@ export class Trainer {
         try {
           r = await this.call(
             "train_step",
-            { generation, lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask: plan.mask },
+            { generation: this.generation, lr, microBatch: cfg.microBatch, gradAccum: cfg.gradAccum, gradClip: cfg.gradClip ?? undefined, mask: plan.mask },
             stepCall,
           );
         } catch (e) {
@@ -290,7 +289,7 @@ export class Trainer {
         if (r.maskRefreshed && plan.mask && this.policy) yield* emit({ type: "mask:refreshed", step: r.step, policy: this.policy.name, decision: plan.mask });
         const done = step;
         if (cfg.evalEvery > 0 && (done % cfg.evalEvery === 0 || done === cfg.steps) && !(saveOnStop() && stopping())) {
-          yield* emit({ type: "eval", ...(await this.call("evaluate", { generation }, stepCall)) });
+          yield* emit({ type: "eval", ...(await this.call("evaluate", { generation: this.generation }, stepCall)) });
         }
         if (cfg.runDir && ((cfg.checkpointEvery > 0 && done % cfg.checkpointEvery === 0) || done === cfg.steps)) {
           yield* emit(await save(done));
