@@ -18,6 +18,11 @@ says why not.
 
     python bench/gpu.py              # the 3B architecture (needs a big GPU)
     python bench/gpu.py --small      # a tiny config, runs on a CPU in a minute
+    python bench/gpu.py --memory-cap-gib 24   # each variant capped at 24 GiB of GPU memory
+
+With --memory-cap-gib the worker calls torch.cuda.set_per_process_memory_fraction
+before building the model, so a variant that needs more fails with an out-of-memory
+row (the peak it had reached is reported) instead of borrowing the rest of the card.
 """
 
 from __future__ import annotations
@@ -85,20 +90,43 @@ def make_optimizer(variant: str, model, args):
 def worker(variant: str, args) -> dict:
     """Runs one optimizer in this process and returns its measurements."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     baseline = current_rss_bytes()
+    if cuda and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device.index or 0)
+    try:
+        return measure(variant, args, device, baseline)
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+        return {"variant": variant, "error": f"out of memory under the {args.memory_cap_gib:g} GiB cap "
+                f"(peak allocated {peak / 2**30:.2f} GiB when it failed)"}
+
+
+def measure(variant: str, args, device, baseline: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     if args.model_dir:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, torch_dtype=dtype,
                                                      local_files_only=True).to(device)
     else:
         cfg = LlamaConfig(**(SMALL if args.small else LLAMA_3_2_3B))
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in bf16 directly: no fp32 copy in the peak
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(cfg).to(dtype)
+        finally:
+            torch.set_default_dtype(default)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of building the model
     model.gradient_checkpointing_enable()
     model.config.use_cache = False
     model.train()
@@ -162,6 +190,8 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--mask-interval", type=int, default=600)
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="CUDA: cap each variant's process at this much GPU memory (set_per_process_memory_fraction)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,7 +230,8 @@ def print_table(rows: list[dict], args) -> None:
           f"{first.get('params', 0) / 1e9:.3f}B params, device {first.get('device', args.device)}, "
           f"torch {first.get('torch', '?')}, micro-batch {args.micro_batch}, seq {args.seq}, "
           f"grad accum {args.grad_accum}, k={args.density:g}, m={args.mask_interval}, "
-          f"median of {args.steps} steps; memory = {what}")
+          f"median of {args.steps} steps; memory = {what}"
+          + (f"; capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib else ""))
     print(f"| {'variant':<16}| {'peak GiB':>9} | {'/ AdamW':>8} | {'step ms':>9} | {'/ AdamW':>8} "
           f"| {'refresh ms':>10} | {'state GiB':>9} |")
     print("|" + "-" * 17 + ("|" + "-" * 11) + ("|" + "-" * 10) + ("|" + "-" * 11) + ("|" + "-" * 10)
