@@ -25,3 +25,19 @@ def test_gpu_bench_small_runs_on_cpu_and_prints_the_table(tmp_path):
     # NanoAdam keeps state for ~10% of the sparse entries only.
     assert rows["nanoadam"]["state_bytes"] < 0.25 * rows["adamw"]["state_bytes"]
     assert rows["nanoadam-sparse"]["state_bytes"] == rows["nanoadam"]["state_bytes"]
+
+
+def test_gpu_wire_small_drives_a_real_sidecar_through_training_and_a_checkpoint(tmp_path):
+    """bench/gpu_wire.py is the GPU check's run through the wire; small on a CPU here."""
+    out = tmp_path / "wire.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_wire.py"), "--small", "--device", "cpu", "--steps", "2",
+         "--seq", "64", "--variants", "nanoadam-sparse,adamw", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row["variant"]: row for row in json.loads(out.read_text())}
+    for name in ("nanoadam-sparse", "adamw"):
+        assert "error" not in rows[name], rows[name]
+        assert len(rows[name]["losses"]) == 2 and rows[name]["save_s"] > 0 and rows[name]["step_s"] > 0
+    assert rows["nanoadam-sparse"]["state_bytes"] < 0.5 * rows["adamw"]["state_bytes"]
