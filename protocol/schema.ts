@@ -89,6 +89,25 @@ const CudaInfo = z
   })
   .meta({ title: "CudaInfo" });
 
+const RankInfo = z
+  .strictObject({
+    rank: uint(),
+    localRank: uint(),
+    host: z.string(),
+    pid: uint(),
+    device: z.string().describe('"cpu" or "cuda:N" on that rank'),
+  })
+  .meta({ title: "RankInfo" });
+
+const DistributedInfo = z
+  .strictObject({
+    worldSize: uint(),
+    nnodes: uint(),
+    backend: z.string().describe("the process group's backend: gloo (CPU) or nccl (CUDA)"),
+    ranks: z.array(RankInfo).describe("every rank, in rank order"),
+  })
+  .meta({ title: "DistributedInfo" });
+
 /**
  * Every method: its params and result, and the thread that serves it: "io"
  * methods are answered at once by the sidecar's I/O thread, even while a
@@ -111,6 +130,7 @@ export const methods = {
       methods: z.array(z.string()),
       transport: z.enum(["ipc", "tcp"]).describe("what the sidecar is bound on"),
       security: z.enum(["ipc-private-dir", "curve"]).describe("ipc: a socket in a 0700 directory; tcp: ZeroMQ CURVE, only our client's key"),
+      distributed: DistributedInfo.nullable().optional().describe("a sidecar group launched by torchrun: its ranks; null: one process"),
     }),
   },
   ping: {
@@ -173,6 +193,13 @@ export type MethodName = keyof typeof methods;
 /** Unsolicited events `{event, data}`: name -> data schema. */
 export const events = {
   "debug:tick": z.strictObject({ iteration: uint(), elapsedS: z.number() }),
+  /** A rank of a sidecar group died; rank 0 sends this, then the whole group goes down. */
+  "rank:lost": z.strictObject({
+    rank: uint(),
+    host: z.string(),
+    pid: uint(),
+    reason: z.string().describe("what rank 0 saw: the process is gone, or its heartbeat stopped"),
+  }),
 } as const satisfies Record<string, z.ZodType>;
 export type EventName = keyof typeof events;
 

@@ -107,6 +107,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       device: z.string().optional().describe("\"auto\" or absent: the device the sidecar started on; \"cpu\", \"cuda\", \"cuda:1\""),
       gradientCheckpointing: z.boolean().optional(),
       seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
+      parallel: z.enum(["ddp", "fsdp"]).optional().describe("a sidecar group: DistributedDataParallel (default) or FSDP2 fully_shard; one process: ignored"),
       // wrap the model in a LoRA adapter (PEFT): only the adapter trains, checkpoints save it
       lora: LoraConfig.optional(),
     }),
@@ -121,6 +122,8 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       modelType: z.string(),
       lora: LoraConfig.nullable().optional().describe("the adapter as built, defaults filled in; null: no adapter"),
       generation: uint().describe("the new session generation: later calls of this run carry it"),
+      parallel: z.string().nullable().optional().describe("ddp or fsdp in a sidecar group; null: one process"),
+      worldSize: uint().optional().describe("ranks that hold the model (1: one process)"),
     }),
   },
   load_dataset: {
@@ -181,6 +184,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       maskRefreshed: z.boolean(),
       epoch: z.number().describe("epochs of training data read so far"),
       stateBytes: uint().describe("bytes of optimizer state after the step"),
+      allReducedBytes: uint().nullable().optional().describe("bytes of gradients rank 0 all-reduced in this step (DDP); null on one process"),
     }),
   },
   set_mask_policy: {

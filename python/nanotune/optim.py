@@ -854,6 +854,29 @@ class NanoAdam(Optimizer):
         self._sparse_grads[p] = g if acc is None else acc.add_(g)
         p.grad = None
 
+    @torch.no_grad()
+    def prepare_step(self) -> None:
+        """Before backward: refreshes the masks due at the coming step (except
+        "large_grads", which selects from that step's gradient) and sets
+        ``comm_masks``: each tensor's flat indices whose gradient the step reads
+        (absent: the whole gradient; a dense tensor, or one refreshing from its
+        gradient). DDP's sparse all-reduce sends only those entries (Note [sparse
+        all-reduce] in parallel.py); the step itself selects exactly as without it."""
+        masks: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            if not group["sparse"]:
+                continue
+            offset = self._param_offset(group)
+            for i, p in enumerate(group["params"]):
+                state = self._init_state(group, p)
+                t = int(state["step"])
+                if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
+                    if group["criterion"] == "large_grads":
+                        continue
+                    self._refresh(group, p, offset + i, t, None)
+                masks[p] = self._mask(group, p)
+        self.comm_masks = masks
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._sparse_grads.clear()
         super().zero_grad(set_to_none)

@@ -70,7 +70,7 @@ from .checkpoint import STATE_FILE, CheckpointError, read_checkpoint, save_check
 from .data import BatchIterator, DatasetError, LoadedDataset, load_dataset
 from .errors import ErrorCode, InvalidParams, NanotuneError, field_of
 from .models import LoadedModel, load_model
-from .training import create_optimizer, evaluate, generate, optimizer_state_bytes, train_step
+from .training import DataParallel, create_optimizer, evaluate, generate, optimizer_state_bytes, train_step
 from .wire import (
     CheckpointExtra,
     CreateOptimizerParams,
@@ -158,11 +158,15 @@ def params(cls: type[S], p: S | None, fields: dict[str, Any]) -> S:
 
 
 class Session:
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, group: Any = None) -> None:
         """device: where load_model puts a model when it is not told ("auto" or no
         device): the sidecar passes the device it chose at start; None means cuda if
-        torch sees one, else cpu (models.resolve_device decides both)."""
+        torch sees one, else cpu (models.resolve_device decides both).
+        group: this rank's nanotune.distributed.Group in a sidecar group, whose every
+        rank runs the same calls (Note [lockstep calls]); None: one process."""
         self.device = device
+        self.group = group
+        self.dp: DataParallel | None = None  # the DDP wrapper and its hook's state, in a group
         self.loaded: LoadedModel | None = None
         self.data: LoadedDataset | None = None
         self.batches: BatchIterator | None = None  # training batches, micro-batch sized
@@ -183,8 +187,21 @@ class Session:
     def load_model(self, p: LoadModelParams | None = None, /, **fields: Any) -> LoadModelResult:
         p = params(LoadModelParams, p, fields)
         lora = None if p.lora is None else msgspec.structs.asdict(p.lora)
-        self.loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
-                                 gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora)
+        loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
+                            gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora)
+        parallel = None
+        self.dp = None
+        if self.group is not None:
+            parallel = p.parallel or "ddp"
+            if parallel == "fsdp":
+                raise SessionError("parallel 'fsdp' is not available yet in this version; use 'ddp'", "parallel")
+            from .parallel import wrap_ddp
+
+            module, comm = wrap_ddp(loaded.model, self.group.world_size)
+            self.dp = DataParallel(module, self.group, comm)
+        for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
+            hook.remove()
+        self.loaded = loaded
         self.optimizer, self.optimizer_params, self.step, self.mask = None, None, 0, None  # a new run
         self.watch = None
         self.generation += 1
@@ -194,7 +211,8 @@ class Session:
                                tied=info["tied"], param_bytes=info["param_bytes"],
                                model_type=getattr(lm.model.config, "model_type", "unknown"),
                                lora=None if lm.lora is None else LoraConfig(**lm.lora),
-                               generation=self.generation)
+                               generation=self.generation, parallel=parallel,
+                               world_size=1 if self.group is None else self.group.world_size)
 
     def load_dataset(self, p: LoadDatasetParams | None = None, /, **fields: Any) -> LoadDatasetResult:
         p = params(LoadDatasetParams, p, fields)
@@ -236,7 +254,14 @@ class Session:
                 raise SessionError(f"{wrong[0]!r} is a NanoAdam option; {p.name} takes {takes}", wrong[0])
         else:
             opts.setdefault("mask_interval", None)  # the controller decides when to refresh
+        sparse_comm = False
+        if self.dp is not None and p.name == "nanoadam" and opts.get("sparse_gradients"):
+            # Under DDP, sparse gradients are what travels: the hook sums the k selected
+            # entries (Note [sparse all-reduce]); DDP's buckets hold the dense gradient anyway.
+            opts["sparse_gradients"], sparse_comm = False, True
         opt = create_optimizer(lm.model, p.name, **opts)
+        if self.dp is not None:
+            self.dp.comm.optimizer = opt if sparse_comm else None
         for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
             hook.remove()
         self.optimizer = opt
@@ -403,6 +428,8 @@ class Session:
         data = self._need_data()
         mask = self._check_mask(p.mask) if p.mask is not None else None  # a bad decision fails before the step
         micro_batch, grad_accum = p.micro_batch or 1, p.grad_accum or 1
+        # In a group every rank reads the same global micro-batches and trains on its rows.
+        micro_batch *= 1 if self.group is None else self.group.world_size
         if self.batches is None or self.batches.batch_size != micro_batch:
             position = self.batches.state_dict() if self.batches is not None else None
             self.batches = data.train.batches(micro_batch)
@@ -413,13 +440,15 @@ class Session:
         try:
             out = train_step(lm.model, opt, batches, p.lr, grad_clip=p.grad_clip, step=self.step,
                              pending=None if mask is None else lambda: self._apply_mask(*mask, now=False),
-                             observe=None if self.watch is None else (lambda w=self.watch: w.observe(self.step)))
+                             observe=None if self.watch is None else (lambda w=self.watch: w.observe(self.step)),
+                             data_parallel=self.dp)
         except BaseException:
             self.mask = before  # the optimizer's part came back in train_step
             raise
         result = TrainStepResult(**out, step=self.step,
                                  epoch=self.batches.epoch + self.batches.index / max(1, len(data.train)),
-                                 state_bytes=_state_bytes(opt))
+                                 state_bytes=_state_bytes(opt),
+                                 all_reduced_bytes=None if self.dp is None else self.dp.comm.bytes)
         self.step += 1
         return result
 

@@ -28,6 +28,7 @@ loading an earlier checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
@@ -395,10 +396,24 @@ def _kept_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in parts]))
 
 
+class DataParallel:
+    """A sidecar group's data parallelism for train_step: the DDP-wrapped module, the
+    group (for the loss sum and the slowest rank's time) and the hook's state."""
+
+    def __init__(self, module: torch.nn.Module, group: Any, comm: Any):
+        self.module, self.group, self.comm = module, group, comm
+
+    def slice(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from .parallel import rank_slice
+
+        return rank_slice(batch, self.group.rank, self.group.world_size)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                batches: Sequence[dict[str, torch.Tensor]], lr: float, grad_clip: float | None = None,
                pending: Callable[[], Any] | None = None, step: int | None = None,
-               observe: Callable[[], Any] | None = None) -> dict[str, Any]:
+               observe: Callable[[], Any] | None = None, *, data_parallel: DataParallel | None = None
+               ) -> dict[str, Any]:
     """One optimizer step over gradient-accumulated micro-batches at learning rate `lr`
     (set on every param group). grad_clip: max global grad norm (None = no clipping).
     pending: optimizer bookkeeping that belongs to this step only (the session's mask
@@ -408,6 +423,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     step: the step's number, for NonFiniteError's data.
     observe: called once the step is known to be finite, before clipping and the update,
     while the accumulated gradients are in .grad (Session.sample_weights' watch).
+    data_parallel: in a sidecar group, `batches` are the global micro-batches and this
+    rank trains on its rows (parallel.rank_slice) through the DDP wrapper; loss, tokens
+    and time come back for the whole group, the same on every rank (DataParallel).
 
     Raises NonFiniteError, leaving weights and optimizer state as they were, when the
     loss or the gradient norm is not finite (Note [non-finite steps]).
@@ -431,6 +449,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     tokens = sum(_targets(b) for b in batches)
     if tokens == 0:
         raise InvalidParams("train_step: the micro-batches have no target tokens (all labels are -100)")
+    input_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    forward, dp = model, data_parallel
+    if dp is not None:  # this rank's rows of each global micro-batch; the sums run over the group
+        batches = [dp.slice(b) for b in batches]
+        forward = dp.module
+        dp.comm.bytes = 0
+    sparse_comm = dp is not None and dp.comm.sparse
+    if grad_clip is not None and sparse_comm:
+        raise InvalidParams("grad_clip needs the full gradients, and NanoAdam's sparse all-reduce sums only the "
+                            "selected entries; turn one of them off", field="grad_clip")
     _sync(model)
     start = time.perf_counter()
     model.train()
@@ -438,13 +466,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     try:
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if pending is not None and sparse_grads:
+        if pending is not None and (sparse_grads or sparse_comm):
             pending()
+        if sparse_comm:
+            optimizer.prepare_step()  # the masks the all-reduce sends (Note [sparse all-reduce])
         optimizer.zero_grad(set_to_none=True)
         loss_sum: Any = 0.0
-        for batch in batches:
-            loss = _loss_sum(model, batch) / tokens
-            loss.backward()
+        for n, batch in enumerate(batches):
+            # DDP all-reduces in the last micro-batch's backward only
+            with forward.no_sync() if dp is not None and n < len(batches) - 1 else contextlib.nullcontext():
+                loss = _loss_sum(forward, batch) / tokens
+                loss.backward()
             loss_sum += loss.detach()  # an fp32 tensor on the device from the first micro-batch on
         grad_norm = None
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -458,6 +490,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             else loss_sum.float()[None]
         loss_value, *rest = values.tolist()
         norm_value = rest[0] if rest else None
+        if dp is not None:  # each rank summed its rows: the step's loss is the sum over ranks
+            loss_value = dp.group.all_reduce_sum([loss_value])[0]
         if not math.isfinite(loss_value) or (norm_value is not None and not math.isfinite(norm_value)):
             raise NonFiniteError(step, loss_value, norm_value)
         if observe is not None:  # the gradients as accumulated, before clipping (Session.sample_weights)
@@ -475,12 +509,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     density = getattr(optimizer, "current_density", 1.0)  # NanoAdam: None while no tensor is sparse
     _sync(model)
+    elapsed = time.perf_counter() - start
+    if dp is not None:
+        elapsed = dp.group.all_reduce_max(elapsed)  # the group's step is its slowest rank's
     return {
         "loss": loss_value,
         "grad_norm": None if grad_norm is None else norm_value,
         "tokens": tokens,
-        "input_tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
-        "time_s": time.perf_counter() - start,
+        "input_tokens": input_tokens,
+        "time_s": elapsed,
         "lr": lr,
         "density": None if density is None else float(density),
         "mask_refreshed": bool(getattr(optimizer, "last_step_refreshed", False)),

@@ -82,6 +82,21 @@ class CudaInfo(Model, kw_only=True):
     free_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="freeBytes")
 
 
+class RankInfo(Model, kw_only=True):
+    rank: Annotated[int, Meta(ge=0)]
+    local_rank: Annotated[int, Meta(ge=0)] = msgspec.field(name="localRank")
+    host: str
+    pid: Annotated[int, Meta(ge=0)]
+    device: str  # "cpu" or "cuda:N" on that rank
+
+
+class DistributedInfo(Model, kw_only=True):
+    world_size: Annotated[int, Meta(ge=0)] = msgspec.field(name="worldSize")
+    nnodes: Annotated[int, Meta(ge=0)]
+    backend: str  # the process group's backend: gloo (CPU) or nccl (CUDA)
+    ranks: list[RankInfo]  # every rank, in rank order
+
+
 class BusyInfo(Model, kw_only=True):
     id: Annotated[int, Meta(ge=0)]
     method: str
@@ -185,6 +200,7 @@ class HelloResult(Model, kw_only=True):
     methods: list[str]
     transport: Literal["ipc", "tcp"]  # what the sidecar is bound on
     security: Literal["ipc-private-dir", "curve"]  # ipc: a socket in a 0700 directory; tcp: ZeroMQ CURVE, only our client's key
+    distributed: DistributedInfo | None = None  # a sidecar group launched by torchrun: its ranks; null: one process
 
 
 class PingParams(Model, kw_only=True):
@@ -261,6 +277,7 @@ class LoadModelParams(Model, kw_only=True):
     device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
     gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
     seed: int | None = None  # init seed of a preset (0: the shared cached build)
+    parallel: Literal["ddp", "fsdp"] | None = None  # a sidecar group: DistributedDataParallel (default) or FSDP2 fully_shard; one process: ignored
     lora: LoraConfig | None = None
 
 
@@ -275,6 +292,8 @@ class LoadModelResult(Model, kw_only=True):
     model_type: str = msgspec.field(name="modelType")
     lora: LoraConfig | None = None  # the adapter as built, defaults filled in; null: no adapter
     generation: Annotated[int, Meta(ge=0)]  # the new session generation: later calls of this run carry it
+    parallel: str | None = None  # ddp or fsdp in a sidecar group; null: one process
+    world_size: Annotated[int, Meta(ge=0)] | None = msgspec.field(default=None, name="worldSize")  # ranks that hold the model (1: one process)
 
 
 class LoadDatasetParams(Model, kw_only=True):
@@ -331,6 +350,7 @@ class TrainStepResult(Model, kw_only=True):
     mask_refreshed: bool = msgspec.field(name="maskRefreshed")
     epoch: float  # epochs of training data read so far
     state_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="stateBytes")  # bytes of optimizer state after the step
+    all_reduced_bytes: Annotated[int, Meta(ge=0)] | None = msgspec.field(default=None, name="allReducedBytes")  # bytes of gradients rank 0 all-reduced in this step (DDP); null on one process
 
 
 class SetMaskPolicyParams(MaskDecision, kw_only=True):
@@ -424,6 +444,13 @@ class DebugTick(Model, kw_only=True):
     elapsed_s: float = msgspec.field(name="elapsedS")
 
 
+class RankLost(Model, kw_only=True):
+    rank: Annotated[int, Meta(ge=0)]
+    host: str
+    pid: Annotated[int, Meta(ge=0)]
+    reason: str  # what rank 0 saw: the process is gone, or its heartbeat stopped
+
+
 class MethodSpec(NamedTuple):
     params: type[Model]
     result: type[Model]
@@ -456,4 +483,5 @@ METHODS: dict[str, MethodSpec] = {
 
 EVENTS: dict[str, type[Model]] = {
     "debug:tick": DebugTick,
+    "rank:lost": RankLost,
 }

@@ -18,7 +18,8 @@ from ..sidecar.dispatch import Context, method
 
 def session(ctx: Context) -> Session:
     if ctx.state.session is None:
-        ctx.state.session = Session(device=ctx.state.device)  # load_model's default: the sidecar's device
+        # load_model's default: the sidecar's device; in a group, this rank's
+        ctx.state.session = Session(device=ctx.state.device, group=ctx.state.group)
     return ctx.state.session
 
 
@@ -36,5 +37,6 @@ def _on_session(name: str):
     return handler
 
 
+# In a sidecar group every rank runs them (Note [lockstep calls] in nanotune.distributed).
 for _name in SESSION_METHODS:
-    method(_name)(_on_session(_name))
+    method(_name, lockstep=True)(_on_session(_name))

@@ -9,7 +9,11 @@ ZeroMQ CURVE: with --keys-from-stdin the first line on stdin is
 `{"curve": {"serverPublicKey", "serverSecretKey", "clientPublicKey"}}` (Z85), the
 server's keypair and the one client key it lets in; keys never travel in argv, which
 every local user can read. Without keys a tcp endpoint is refused, and a failed ipc
-bind has no tcp fallback (docs/protocol.md "Sockets and transports")."""
+bind has no tcp fallback (docs/protocol.md "Sockets and transports").
+
+Launched by torchrun (`python -m torch.distributed.run ... -m nanotune.sidecar`),
+every rank joins the group (nanotune.distributed): rank 0 binds, reads the keys and
+prints the ready line; the other ranks follow rank 0 and print nothing on stdout."""
 import argparse
 import functools
 import os
@@ -17,6 +21,8 @@ import shutil
 import sys
 import tempfile
 
+from ..distributed import follow, launched_by_torchrun
+from ..distributed import from_env as join_group
 from .runtime import main
 from .transport import CurveKeys
 
@@ -27,7 +33,20 @@ ap.add_argument("--device", default="auto", help="auto (cuda if torch sees a GPU
                 "load_model's default device")
 ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
 ap.add_argument("--keys-from-stdin", action="store_true", help="read the CURVE keys line from stdin (see above)")
+ap.add_argument("--backend", default=None, help="under torchrun: the process group's backend (default: nccl on CUDA, "
+                "else gloo)")
 args = ap.parse_args()
+
+group = None
+if launched_by_torchrun():
+    try:
+        group = join_group(args.device, args.backend)
+    except Exception as e:  # noqa: BLE001  one line, not a traceback, for the client's SIDECAR_CRASHED
+        sys.exit(f"nanotune.sidecar (rank {os.environ.get('RANK')}): could not join the torchrun group: {e}")
+    if group.rank != 0:
+        follow(group, args.parent_pid)
+        sys.stderr.flush()
+        os._exit(0)
 
 keys = None
 if args.keys_from_stdin:
@@ -39,4 +58,4 @@ endpoint, on_exit = args.endpoint, None
 if endpoint is None:
     tmp = tempfile.mkdtemp(prefix="nanotune-")  # mode 0700
     endpoint, on_exit = f"ipc://{os.path.join(tmp, 'sidecar.sock')}", functools.partial(shutil.rmtree, tmp, True)
-main(endpoint, args.device, args.parent_pid, keys, on_exit)
+main(endpoint, args.device if group is None else group.device, args.parent_pid, keys, on_exit, group)

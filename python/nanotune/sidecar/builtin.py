@@ -10,6 +10,8 @@ import os
 import platform
 import time
 
+import msgspec
+
 from .. import __version__, wire
 from ..errors import ErrorCode, NanotuneError
 from .dispatch import METHODS, Context, Deferred, method
@@ -40,6 +42,8 @@ def hello(ctx: Context, p: wire.HelloParams):
             methods=sorted(METHODS),
             transport=transport,
             security=security,
+            distributed=None if ctx.state.group is None else msgspec.convert(ctx.state.group.info(),
+                                                                             wire.DistributedInfo),
         )
 
     return answer() if ctx.control.is_ready() else Deferred(answer)

@@ -58,6 +58,7 @@ class Method:
     result: type[msgspec.Struct] | None
     thread: Literal["io", "compute"]  # "io": answered inline by the I/O thread (must be quick)
     decoder: msgspec.msgpack.Decoder = field(repr=False, compare=False)
+    lockstep: bool = False  # in a sidecar group, runs on every rank (Note [lockstep calls] in distributed.py)
 
 
 METHODS: dict[str, Method] = {}  # the registered handlers
@@ -70,6 +71,7 @@ def method(
     params: type[msgspec.Struct] | None = None,
     result: type[msgspec.Struct] | None = None,
     thread: Literal["io", "compute"] | None = None,
+    lockstep: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Registers `fn(ctx, params)` as the handler of wire method `name`.
 
@@ -77,7 +79,9 @@ def method(
     come from the schema and must not be given. A method outside the schema (an
     extension loaded through NANOTUNE_SIDECAR_MODULES, which clients call untyped)
     must give `params` (a msgspec Struct); its thread defaults to "compute".
-    `thread="io"` methods run on the I/O thread and must return in microseconds."""
+    `thread="io"` methods run on the I/O thread and must return in microseconds.
+    `lockstep=True` (compute methods): in a sidecar group every rank runs the call
+    (Note [lockstep calls] in distributed.py); otherwise rank 0 alone does."""
     spec = wire.METHODS.get(name)
     if spec is not None:
         if params is not None or result is not None or thread is not None:
@@ -94,8 +98,10 @@ def method(
         if name in METHODS:
             raise ValueError(f"sidecar method {name!r} has two handlers ({METHODS[name].fn.__module__} and "
                              f"{fn.__module__})")
+        if lockstep and resolved_thread != "compute":
+            raise TypeError(f"sidecar method {name!r}: only compute methods run in lockstep")
         METHODS[name] = Method(name, fn, resolved_params, result, resolved_thread,
-                               msgspec.msgpack.Decoder(resolved_params))
+                               msgspec.msgpack.Decoder(resolved_params), lockstep)
         return fn
 
     return register

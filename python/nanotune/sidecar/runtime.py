@@ -84,13 +84,18 @@ class Job:
 
 class Runtime:
     def __init__(self, endpoint: str, device: str = "auto", parent_pid: int | None = None,
-                 keys: CurveKeys | None = None):
+                 keys: CurveKeys | None = None, group: Any = None):
         for name in HANDLER_MODULES:
             importlib.import_module(name)
         self.device_request = device
         self.parent_pid = parent_pid
         self.initial_ppid = os.getppid()
         self.state = State()
+        # A sidecar group's rank 0 (nanotune.distributed.Group), or None: one process.
+        self.group = group
+        self.state.group = group
+        self.client: Any = None  # the routing id of the last caller: where rank:lost goes
+        self.followers_released = threading.Event()  # the other ranks were told to exit
         self.started = time.monotonic()
         self.served = 0
         self.rejected = 0
@@ -180,6 +185,8 @@ class Runtime:
                     if self.stopping or not self.router.has_more():
                         break
             now = time.monotonic()
+            if self.group is not None and now >= next_parent_check:
+                self._check_ranks()
             job = self.current
             if job is not None and job.cancel_at is not None and now >= job.cancel_at:
                 job.cancel_at = None
@@ -190,6 +197,22 @@ class Runtime:
                     log.warning("parent process is gone; exiting")
                     self.stopping = True
         self._drain_pull()
+
+    def _check_ranks(self) -> bool:
+        """Note [losing a rank] (distributed.py): a rank of this host is gone: tell the
+        client (rank:lost) and stop; torchrun takes the rest of the group down."""
+        from ..distributed import lost_local_rank
+
+        lost = lost_local_rank(self.group)
+        if lost is None or self.stopping:
+            return lost is not None
+        log.error("rank %d (pid %d on %s) is gone; the sidecar group stops", lost["rank"], lost["pid"], lost["host"])
+        if self.client is not None:
+            self.send_event(self.client, "rank:lost", wire.RankLost(
+                rank=lost["rank"], host=lost["host"], pid=lost["pid"],
+                reason=f"rank {lost['rank']}'s process (pid {lost['pid']}) is gone"))
+        self.stopping = True
+        return True
 
     def _answer_bug(self, parts: list[Any], e: Exception) -> None:
         """A request whose handling raised where it must not (a bug of ours) still gets
@@ -266,6 +289,7 @@ class Runtime:
             return
         else:  # maybe a method of a module the warm-up has yet to load: decoded then
             raw = bytes(req.params)
+        self.client = identity
         ctx = Context(self.state, req.id, name, frames, functools.partial(self.send_event, identity), self)
         if dispatch.thread_of(name) == "io" and name in dispatch.METHODS:
             try:
@@ -326,7 +350,9 @@ class Runtime:
             return wire.CancelResult(cancelled=False, id=None)
         if not job.ctx.cancelled:
             job.ctx.cancelled = True
-            job.cancel_at = time.monotonic() + FORCE_CANCEL_AFTER_S
+            m = dispatch.METHODS.get(job.ctx.method)
+            if self.group is None or m is None or not m.lockstep:  # a group's running call finishes
+                job.cancel_at = time.monotonic() + FORCE_CANCEL_AFTER_S
         return wire.CancelResult(cancelled=True, id=job.ctx.id)
 
     def status(self) -> wire.StatusResult:
@@ -353,7 +379,7 @@ class Runtime:
 
         from ..models import default_dtype, resolve_device  # the one device resolver, shared with load_model
 
-        dev = resolve_device(self.device_request)
+        dev = resolve_device(self.group.device if self.group is not None else self.device_request)
         cuda = None
         if dev.type == "cuda":
             free, total = torch.cuda.mem_get_info(dev)
@@ -378,6 +404,9 @@ class Runtime:
         while True:
             try:
                 job = self.jobs.get()
+                if job is None:  # stopping: release the other ranks of a group
+                    self._release_followers()
+                    continue
                 self._run(job)
             except Cancelled:  # a forced cancel that landed after the job ended (see _run)
                 continue
@@ -394,9 +423,14 @@ class Runtime:
                                     f"{', '.join(sorted(dispatch.METHODS))}", {"method": ctx.method})
             params = job.params if job.raw is None else dispatch.decode_params(ctx.method, job.raw)
             ctx.check_cancelled()
-            result = m.fn(ctx, params)
+            if self.group is not None and m.lockstep:
+                result, error = self._run_lockstep(ctx, m, params)
+            else:
+                result = m.fn(ctx, params)
         except BaseException as e:  # noqa: BLE001 (reported to the caller)
             error = e
+        if error is not None and self.group is not None and self._check_ranks():
+            return  # the client hears rank:lost; this reply would only blur it
         while True:  # a forced Cancelled may land here, before `finished` is set
             try:
                 with job.lock:
@@ -405,6 +439,31 @@ class Runtime:
             except Cancelled as e:
                 error, result = e, None
         self._push([job.identity, b"R", *self._reply_parts(rid, result, error, ctx.method)])
+
+
+    def _run_lockstep(self, ctx: Context, m: dispatch.Method, params: Any) -> tuple[Any, BaseException | None]:
+        """Note [lockstep calls] (distributed.py): every rank runs the call; the error of
+        any rank that failed is the reply."""
+        from ..distributed import settle
+
+        group = self.group
+        group.refuse_if_diverged(ctx.method)
+        group.broadcast(("call", ctx.method, params))
+        result, error = None, None
+        try:
+            result = m.fn(ctx, params)
+        except BaseException as e:  # noqa: BLE001
+            error = e
+        return result, settle(group, ctx.method, group.agree(error), error)
+
+    def _release_followers(self) -> None:
+        try:
+            if self.group is not None:
+                self.group.broadcast(("shutdown",))
+        except Exception as e:  # noqa: BLE001  a rank already gone
+            log.warning("could not tell the other ranks to stop: %s", e)
+        finally:
+            self.followers_released.set()
 
 
 def method_modules() -> list[str]:
@@ -435,7 +494,7 @@ def _die_with_parent() -> None:
 
 
 def main(endpoint: str, device: str, parent_pid: int | None, keys: CurveKeys | None = None,
-         on_exit: Any = None) -> None:
+         on_exit: Any = None, group: Any = None) -> None:
     """Serves until shutdown, SIGTERM or the parent's death, then exits the process
     (os._exit: the compute thread may be inside torch); `on_exit()` runs just before."""
     logging.basicConfig(level=os.environ.get("NANOTUNE_LOG", "WARNING").upper(), stream=sys.stderr,
@@ -443,7 +502,7 @@ def main(endpoint: str, device: str, parent_pid: int | None, keys: CurveKeys | N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack on stderr
     _die_with_parent()
-    runtime = Runtime(endpoint, device, parent_pid, keys)
+    runtime = Runtime(endpoint, device, parent_pid, keys, group)
 
     def on_term(signum, frame):  # noqa: ARG001
         runtime.stopping = True
@@ -458,6 +517,9 @@ def main(endpoint: str, device: str, parent_pid: int | None, keys: CurveKeys | N
         log.exception("the I/O loop failed; exiting")
         raise
     finally:
+        if group is not None:  # the other ranks exit when told, or when their collective fails
+            runtime.jobs.put(None)
+            runtime.followers_released.wait(2.0)
         runtime.router.close()  # returns once the last replies are sent, or after 1 s
         if on_exit is not None:
             on_exit()
