@@ -9,6 +9,8 @@
                            PeftModel.from_pretrained(base, <dir>/model) loads it (Note [adapter
                            checkpoints])
       optimizer.pt         optimizer.state_dict() (torch.save, loadable with weights_only=True)
+      optimizer/           instead of optimizer.pt in a sidecar group: the same state through
+                           torch.distributed.checkpoint (Note [group checkpoints])
       rng.pt               torch CPU/CUDA, Python `random` and numpy generator states
       trainer_state.json   {format, step, data_state, extra, files: {relative path: bytes}}, written last
 
@@ -82,6 +84,7 @@ import random
 import re
 import shutil
 import sys
+import warnings
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -98,6 +101,24 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_FORMAT", "Checkpoint
 
 CHECKPOINT_FORMAT = "nanotune-checkpoint-v1"
 MODEL_DIR, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = "model", "optimizer.pt", "rng.pt", "trainer_state.json"
+OPTIMIZER_DCP = "optimizer"  # a torch.distributed.checkpoint directory (Note [group checkpoints])
+
+# Note [group checkpoints]: in a sidecar group (nanotune.distributed) the checkpoint
+# is still one directory, written atomically by rank 0 as above: the HF model
+# directory once and complete (DDP's ranks hold the same weights; rank 0 writes
+# them), rng.pt and trainer_state.json from rank 0. The optimizer state goes
+# through torch.distributed.checkpoint (DCP) into optimizer/: rank 0 makes the temp
+# directory and broadcasts its path, then every rank saves (a collective: DCP plans
+# the writes, each rank writes its part, rank 0 writes .metadata), and only then
+# does rank 0 write the rest and move the directory into place. The state is laid
+# out flat: each tensor of optimizer.state_dict() under "state.<param id>.<key>",
+# and its other values with param_groups as one torch.save'd "meta" object. Under
+# DDP every rank's state is the same, so DCP keeps one copy (it writes a replicated
+# key once), and the checkpoint loads on any world size, one process included (DCP
+# reads without a process group). A sharded optimizer's state (FSDP: each rank's
+# shard) is kept per rank under "rank<r>." keys and loads on the same world size
+# only. Loading checks the state exactly like optimizer.pt's (Note [validated
+# loads]) after DCP has read it into tensors allocated from its .metadata.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names, in model/
 TMP_MARKER = ".nanotune-partial"  # the first file of a temp directory: "this is ours" (Note [atomic checkpoints])
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
@@ -393,8 +414,75 @@ def _check_destination(final: Path) -> None:
                           "path or remove it", final)
 
 
+def _dcp_prefix(group: Any, sharded: bool) -> str:
+    return f"rank{group.rank}." if group is not None and sharded else ""
+
+
+def _save_optimizer_dcp(optimizer: torch.optim.Optimizer, path: Path, prefix: str) -> None:
+    """Note [group checkpoints]: optimizer.state_dict() flat, through DCP (a collective in a group)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    sd = optimizer.state_dict()
+    flat: dict[str, Any] = {}
+    meta: dict[str, Any] = {"state": {}, "param_groups": sd["param_groups"]}
+    for pid, st in sd["state"].items():
+        meta["state"][pid] = {k: v for k, v in st.items() if not torch.is_tensor(v)}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                flat[f"{prefix}state.{pid}.{k}"] = v
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    buf.seek(0)
+    flat[f"{prefix}meta"] = buf
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(flat, checkpoint_id=path)
+
+
+def _read_optimizer_dcp(root: Path, state: TrainerStateFile, prefix: str) -> dict[str, Any]:
+    """The optimizer state_dict saved by _save_optimizer_dcp (read, not yet checked)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = root / OPTIMIZER_DCP
+    _listed(root, state, f"{OPTIMIZER_DCP}/.metadata")
+    try:
+        md = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {str(path)!r}: its DCP .metadata is corrupt: {e}", path) from e
+    keys = {k: m for k, m in md.state_dict_metadata.items() if k.startswith(prefix) or not prefix}
+    if f"{prefix}meta" not in keys:
+        saved = sorted({k.split(".", 1)[0] for k in md.state_dict_metadata if k.startswith("rank")})
+        why = (f"it holds the sharded state of {len(saved)} ranks, not of {prefix.rstrip('.')}" if saved
+               else "it holds no optimizer state under the expected keys")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this sidecar group: {why}", path, "optimizer")
+    template = {k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
+                else io.BytesIO() for k, m in keys.items()}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(template, checkpoint_id=path)
+        buf = template.pop(f"{prefix}meta")
+        buf.seek(0)
+        meta = torch.load(buf, map_location="cpu", weights_only=True)
+        st: dict[Any, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
+        for k, v in template.items():
+            pid, name = k[len(prefix):].removeprefix("state.").split(".", 1)
+            st.setdefault(int(pid), {})[name] = v
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  DCP and pickle errors come in many types
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {e}", path) from e
+    return {"state": st, "param_groups": meta["param_groups"]}
+
+
 def save_checkpoint(dir: str | os.PathLike, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer | None,
-                    data_state: dict[str, Any] | None, step: int, extra: dict[str, Any] | None = None) -> Path:
+                    data_state: dict[str, Any] | None, step: int, extra: dict[str, Any] | None = None,
+                    group: Any = None, sharded: bool = False) -> Path:
     """Writes a checkpoint to `dir` atomically (Note [atomic checkpoints]); returns `dir`.
 
     `dir` must not exist, be an empty directory or be a nanotune checkpoint (which
@@ -402,25 +490,44 @@ def save_checkpoint(dir: str | os.PathLike, model: torch.nn.Module, tokenizer, o
     data_state and extra must be JSON-serializable (extra: the resolved config,
     metrics, anything the caller wants back from load_checkpoint). optimizer may be
     None for a weights-only export.
+    group: this rank's nanotune.distributed.Group in a sidecar group, where every rank
+    calls this (Note [group checkpoints]); sharded: the optimizer's state differs per
+    rank (FSDP).
     """
     final = Path(dir)
+    if group is not None and group.rank != 0:  # rank 0 prepares and finishes; we add our optimizer part
+        tmp_name = group.broadcast()
+        if not isinstance(tmp_name, str):
+            raise CheckpointError(f"rank 0 could not start checkpoint {str(final)!r}: {tmp_name[1]}", final)
+        if optimizer is not None:
+            _save_optimizer_dcp(optimizer, Path(tmp_name) / OPTIMIZER_DCP, _dcp_prefix(group, sharded))
+        return final
     try:
-        meta = json.dumps({"format": CHECKPOINT_FORMAT, "step": int(step), "data_state": data_state,
-                           "extra": extra or {}})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"data_state and extra must be JSON-serializable: {e}", final) from e
-    _check_destination(final)
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _sweep(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
+        try:
+            meta = json.dumps({"format": CHECKPOINT_FORMAT, "step": int(step), "data_state": data_state,
+                               "extra": extra or {}})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"data_state and extra must be JSON-serializable: {e}", final) from e
+        _check_destination(final)
+        parent = final.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _sweep(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
+    except BaseException as e:
+        if group is not None:
+            group.broadcast(("error", str(e)))
+        raise
+    if group is not None:
+        group.broadcast(str(tmp))
     aside: Path | None = None  # the fallback's place for the old checkpoint while the new one moves in
     try:
         (tmp / TMP_MARKER).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "pid": os.getpid()}) + "\n")
+        if optimizer is not None and group is not None:  # first: the other ranks wait in it
+            _save_optimizer_dcp(optimizer, tmp / OPTIMIZER_DCP, _dcp_prefix(group, sharded))
         model.save_pretrained(tmp / MODEL_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
-        if optimizer is not None:
+        if optimizer is not None and group is None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(_rng_state(), tmp / RNG_FILE)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
@@ -805,23 +912,33 @@ class PendingLoad:
 
 
 def read_checkpoint(dir: str | os.PathLike, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> PendingLoad:
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+                    group: Any = None, sharded: bool = False) -> PendingLoad:
     """Reads and validates the checkpoint at `dir` for `model` and `optimizer` (Note
-    [validated loads]) without changing anything; .apply() then restores it."""
+    [validated loads]) without changing anything; .apply() then restores it. In a
+    sidecar group every rank calls it (`group`, `sharded`: Note [group checkpoints])."""
     root = Path(dir)
     state = _read_state(root)
     weights = _read_weights(model, root, state) if model is not None else None
     sd, opt_path = None, None
     if optimizer is not None:
         opt_path = root / OPTIMIZER_FILE
-        if not opt_path.is_file():
+        if (root / OPTIMIZER_DCP / ".metadata").is_file() and not opt_path.is_file():
+            opt_path = root / OPTIMIZER_DCP
+            sd = _read_optimizer_dcp(root, state, _dcp_prefix(group, sharded))
+        elif not opt_path.is_file():
             raise CheckpointError(f"checkpoint {str(root)!r} has no {OPTIMIZER_FILE} (saved without an optimizer)",
                                   opt_path)
-        _listed(root, state, OPTIMIZER_FILE)
-        try:
-            sd = torch.load(opt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  pickle/zip errors come in many types
-            raise CheckpointError(f"checkpoint file {str(opt_path)!r} is corrupt: {e}", opt_path) from e
+        elif sharded:
+            raise CheckpointError(f"checkpoint {str(root)!r} holds one process's optimizer state ({OPTIMIZER_FILE}); "
+                                  "a sharded (FSDP) group resumes only its own sharded checkpoints", opt_path,
+                                  "optimizer")
+        else:
+            _listed(root, state, OPTIMIZER_FILE)
+            try:
+                sd = torch.load(opt_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001  pickle/zip errors come in many types
+                raise CheckpointError(f"checkpoint file {str(opt_path)!r} is corrupt: {e}", opt_path) from e
         _check_optimizer_state(sd, optimizer, opt_path)
     rng = None
     if restore_rng:
@@ -840,7 +957,8 @@ def read_checkpoint(dir: str | os.PathLike, model: torch.nn.Module | None = None
 
 
 def load_checkpoint(dir: str | os.PathLike, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> CheckpointState:
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+                    group: Any = None, sharded: bool = False) -> CheckpointState:
     """Reads the checkpoint at `dir`; returns its step, data position and extra.
 
     model: weights are copied into it in place (None: leave weights alone, e.g.
@@ -851,4 +969,4 @@ def load_checkpoint(dir: str | os.PathLike, model: torch.nn.Module | None = None
     CheckpointError leaves model, optimizer and RNG as they were.
     The caller restores the data position: iterator.load_state_dict(state.data_state).
     """
-    return read_checkpoint(dir, model, optimizer, restore_rng).apply()
+    return read_checkpoint(dir, model, optimizer, restore_rng, group, sharded).apply()

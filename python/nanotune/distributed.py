@@ -56,6 +56,11 @@ __all__ = ["Group", "Outcome", "from_env", "launched_by_torchrun"]
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("NANOTUNE_COLLECTIVE_TIMEOUT_S", "600"))
 
 
+# Lockstep methods that leave every rank's session as it was, even when they fail on
+# some ranks only: such a failure does not make the group diverge.
+READ_ONLY = frozenset({"save_checkpoint", "evaluate", "generate", "get_masks", "sample_weights"})
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is a torchrun worker (torchrun sets these for every rank)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
@@ -148,7 +153,7 @@ def settle(group: Group, method: str, outcomes: list[Outcome], error: BaseExcept
     from .errors import ErrorCode, NanotuneError
 
     failed = [o for o in outcomes if o.error is not None]
-    if failed and len(failed) < len(outcomes):
+    if failed and len(failed) < len(outcomes) and method not in READ_ONLY:
         group.diverged = f"{method} failed on rank {failed[0].rank} only"
     elif not failed and method == "load_model":
         group.diverged = None

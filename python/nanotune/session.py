@@ -499,7 +499,7 @@ class Session:
         t0 = time.perf_counter()
         out = save_checkpoint(p.path, lm.model, lm.tokenizer, self.optimizer,
                               self.batches.state_dict() if self.batches is not None else None, self.step,
-                              msgspec.to_builtins(extra))
+                              msgspec.to_builtins(extra), group=self.group)
         return SaveCheckpointResult(path=str(out), step=self.step, time_s=time.perf_counter() - t0)
 
     def load_checkpoint(self, p: LoadCheckpointParams | None = None, /, **fields: Any) -> LoadCheckpointResult:
@@ -509,7 +509,7 @@ class Session:
         p = params(LoadCheckpointParams, p, fields)
         self._check_generation(p, "load_checkpoint")
         lm = self._need_model()
-        pending = read_checkpoint(p.path, model=lm.model, optimizer=self.optimizer)
+        pending = read_checkpoint(p.path, model=lm.model, optimizer=self.optimizer, group=self.group)
         state, state_file = pending.state, Path(p.path) / STATE_FILE
         try:
             extra = msgspec.convert(state.extra, CheckpointExtra)
