@@ -430,8 +430,8 @@ def _save_optimizer_dcp(optimizer: torch.optim.Optimizer, path: Path, prefix: st
     for pid, st in sd["state"].items():
         meta["state"][pid] = {k: v for k, v in st.items() if not torch.is_tensor(v)}
         for k, v in st.items():
-            if torch.is_tensor(v):
-                flat[f"{prefix}state.{pid}.{k}"] = v
+            if torch.is_tensor(v):  # FSDP2's DTensor moments (AdamW): this rank's shard, under its rank's keys
+                flat[f"{prefix}state.{pid}.{k}"] = v.to_local() if hasattr(v, "to_local") else v
     buf = io.BytesIO()
     torch.save(meta, buf)
     buf.seek(0)
@@ -482,7 +482,7 @@ def _read_optimizer_dcp(root: Path, state: TrainerStateFile, prefix: str) -> dic
 
 def save_checkpoint(dir: str | os.PathLike, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer | None,
                     data_state: dict[str, Any] | None, step: int, extra: dict[str, Any] | None = None,
-                    group: Any = None, sharded: bool = False) -> Path:
+                    group: Any = None, sharded: bool = False, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes a checkpoint to `dir` atomically (Note [atomic checkpoints]); returns `dir`.
 
     `dir` must not exist, be an empty directory or be a nanotune checkpoint (which
@@ -492,7 +492,8 @@ def save_checkpoint(dir: str | os.PathLike, model: torch.nn.Module, tokenizer, o
     None for a weights-only export.
     group: this rank's nanotune.distributed.Group in a sidecar group, where every rank
     calls this (Note [group checkpoints]); sharded: the optimizer's state differs per
-    rank (FSDP).
+    rank (FSDP); weights: the model's full state dict when `model` cannot give it by
+    itself (FSDP2's sharded parameters, gathered on rank 0 by the caller).
     """
     final = Path(dir)
     if group is not None and group.rank != 0:  # rank 0 prepares and finishes; we add our optimizer part
@@ -524,7 +525,7 @@ def save_checkpoint(dir: str | os.PathLike, model: torch.nn.Module, tokenizer, o
         (tmp / TMP_MARKER).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "pid": os.getpid()}) + "\n")
         if optimizer is not None and group is not None:  # first: the other ranks wait in it
             _save_optimizer_dcp(optimizer, tmp / OPTIMIZER_DCP, _dcp_prefix(group, sharded))
-        model.save_pretrained(tmp / MODEL_DIR)
+        model.save_pretrained(tmp / MODEL_DIR, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
         if optimizer is not None and group is None:
@@ -751,8 +752,9 @@ def _real(x: Any) -> bool:
 def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Raises CheckpointError unless optimizer.load_state_dict(sd) gives a state this
     optimizer can step with: same groups and tensors, options of the right kind,
-    and per tensor moments (and NanoAdam masks) of the right shapes, dtypes and range."""
-    from .optim import CRITERIA, NanoAdam, _expand, selected_count
+    and per tensor moments (and NanoAdam masks) of the right shapes, dtypes and range.
+    A sharded (FSDP2) tensor is checked against this rank's shard."""
+    from .optim import CRITERIA, NanoAdam, _expand, _local, selected_count
 
     def bad(why: str, key: str | None = None) -> CheckpointError:
         return CheckpointError(f"optimizer state in {str(path)!r} does not fit this optimizer: {why}", path, key)
@@ -811,6 +813,7 @@ def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer, path: Path
         raise bad(f"state for tensor id {unknown[0]!r}, which no group has", f"state.{unknown[0]}")
     for sid, st in sd["state"].items():
         p, g, sg, name = params[sid]
+        p = _local(p)
         where = f"state.{sid}"
         if not isinstance(st, dict):
             raise bad(f"{name}: state is not a map", where)
@@ -871,6 +874,31 @@ def _check_optimizer_state(sd: Any, optimizer: torch.optim.Optimizer, path: Path
                 raise bad(f"{name}: density_override is {v!r}", f"{where}.density_override")
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards the model (its parameters are DTensors)."""
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def _shard_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict: a torch optimizer (AdamW) over FSDP2's DTensor parameters
+    keeps DTensor moments; the checkpoint holds this rank's shards as plain tensors.
+    NanoAdam keeps plain shard-local tensors itself (Note [shard-local masks])."""
+    from .optim import NanoAdam
+
+    if isinstance(optimizer, NanoAdam):
+        return
+    for p, st in optimizer.state.items():
+        if not hasattr(p, "to_local"):
+            continue
+        from torch.distributed.tensor import DTensor
+
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and not isinstance(v, DTensor) and k != "step" \
+                    and tuple(v.shape) == tuple(p.to_local().shape):
+                st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
+
+
 @dataclass
 class PendingLoad:
     """A checkpoint read and validated by read_checkpoint, not applied yet."""
@@ -894,13 +922,19 @@ class PendingLoad:
             old_state, old_groups = opt.state, opt.param_groups
             try:
                 opt.load_state_dict(self.optimizer_state)
+                _shard_like_params(opt)
             except Exception as e:  # noqa: BLE001  what validation missed: put the optimizer back
                 opt.state, opt.param_groups = old_state, old_groups
                 raise CheckpointError(f"optimizer state in {str(self.optimizer_path)!r} does not fit this "
                                       f"optimizer: {e}", self.optimizer_path) from e
         if self.model is not None and self.weights is not None:
             with torch.no_grad():
-                if _is_peft(self.model):  # adapter tensors, keyed as PEFT saves them
+                if _is_sharded(self.model):  # FSDP2: each rank keeps its shard of the full tensors
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                    set_model_state_dict(self.model, self.weights,
+                                         options=StateDictOptions(full_state_dict=True, strict=False))
+                elif _is_peft(self.model):  # adapter tensors, keyed as PEFT saves them
                     from peft import set_peft_model_state_dict
 
                     set_peft_model_state_dict(self.model, self.weights)

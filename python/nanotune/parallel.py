@@ -97,3 +97,22 @@ def rank_slice(batch: "dict[str, torch.Tensor]", rank: int, world_size: int) -> 
     out = {k: v[:1].clone() for k, v in batch.items()}
     out["labels"].fill_(-100)
     return out
+
+
+def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (`fully_shard`) over each decoder layer, then the rest (embeddings, final
+    norm, head) at the root: every parameter becomes a DTensor sharded on dim 0 across
+    the ranks, and NanoAdam works on each rank's shard (Note [shard-local masks] in
+    optim.py). Gradients are summed over the ranks, not averaged, as under DDP (Note
+    [sparse all-reduce]: each rank's loss is already divided by the global tokens)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for m in model.modules():
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m)
+    fully_shard(model)
+    for m in model.modules():  # each module's own parameter group
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model

@@ -192,13 +192,17 @@ class Session:
         parallel = None
         self.dp = None
         if self.group is not None:
+            from .parallel import shard_fsdp, wrap_ddp
+
             parallel = p.parallel or "ddp"
             if parallel == "fsdp":
-                raise SessionError("parallel 'fsdp' is not available yet in this version; use 'ddp'", "parallel")
-            from .parallel import wrap_ddp
-
-            module, comm = wrap_ddp(loaded.model, self.group.world_size)
-            self.dp = DataParallel(module, self.group, comm)
+                if loaded.lora is not None:
+                    raise SessionError("lora with parallel 'fsdp' is not supported: the adapter is small, use 'ddp'",
+                                       "parallel")
+                self.dp = DataParallel(shard_fsdp(loaded.model), self.group, sharded=True)
+            else:
+                module, comm = wrap_ddp(loaded.model, self.group.world_size)
+                self.dp = DataParallel(module, self.group, comm)
         for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
             hook.remove()
         self.loaded = loaded
@@ -234,7 +238,7 @@ class Session:
     # NanoAdam's options that AdamW does not take (the schema has one params shape for both).
     _NANOADAM_ONLY = ("density", "mask_interval", "density_interval", "final_density", "total_steps", "criterion",
                       "moments_on_refresh", "bias_correction", "moments_dtype", "index_dtype", "sparse_gradients",
-                      "dense", "tied", "seed")
+                      "chunk_size", "dense", "tied", "seed")
 
     def create_optimizer(self, p: CreateOptimizerParams | OptimizerConfig | None = None, /,
                          **fields: Any) -> CreateOptimizerResult:
@@ -255,12 +259,15 @@ class Session:
         else:
             opts.setdefault("mask_interval", None)  # the controller decides when to refresh
         sparse_comm = False
+        if self.dp is not None and self.dp.sharded and opts.get("sparse_gradients"):
+            raise SessionError("sparseGradients needs whole tensors and FSDP shards them (its gradients are already "
+                               "sharded); leave it off with parallel 'fsdp', or use 'ddp'", "sparse_gradients")
         if self.dp is not None and p.name == "nanoadam" and opts.get("sparse_gradients"):
             # Under DDP, sparse gradients are what travels: the hook sums the k selected
             # entries (Note [sparse all-reduce]); DDP's buckets hold the dense gradient anyway.
             opts["sparse_gradients"], sparse_comm = False, True
         opt = create_optimizer(lm.model, p.name, **opts)
-        if self.dp is not None:
+        if self.dp is not None and self.dp.comm is not None:
             self.dp.comm.optimizer = opt if sparse_comm else None
         for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
             hook.remove()
@@ -377,6 +384,7 @@ class Session:
         sidecar's codec sends it as a frame and writes its TensorRef)."""
         p = params(GetMasksParams, p, fields)
         self._check_generation(p, "get_masks")
+        self._need_whole_tensors("get_masks")
         masks = self.masks(p.names)
         sizes = {n: q.numel() for n, q in self.loaded.model.named_parameters()} if self.loaded else {}
         return GetMasksResult(masks=[MaskTensor(name=n, numel=sizes.get(n, 0), indices=m.cpu())
@@ -389,6 +397,7 @@ class Session:
         random sample of its entries (Note [weight samples])."""
         p = params(SampleWeightsParams, p, fields)
         self._check_generation(p, "sample_weights")
+        self._need_whole_tensors("sample_weights")
         lm = self._need_model()
         named = {n: q for n, q in lm.model.named_parameters() if q.requires_grad}
         masked = set(self.tensor_names()) if self.optimizer is not None and hasattr(self.optimizer, "masks") else set()
@@ -448,7 +457,8 @@ class Session:
         result = TrainStepResult(**out, step=self.step,
                                  epoch=self.batches.epoch + self.batches.index / max(1, len(data.train)),
                                  state_bytes=_state_bytes(opt),
-                                 all_reduced_bytes=None if self.dp is None else self.dp.comm.bytes)
+                                 all_reduced_bytes=None if self.dp is None or self.dp.comm is None
+                                 else self.dp.comm.bytes)
         self.step += 1
         return result
 
@@ -497,9 +507,14 @@ class Session:
         lm = self._need_model()
         extra = msgspec.structs.replace(p.extra or CheckpointExtra(), mask=self.mask, optimizer=self.optimizer_params)
         t0 = time.perf_counter()
+        sharded, weights = self.dp is not None and self.dp.sharded, None
+        if sharded:  # FSDP2: the full weights, gathered to rank 0's CPU (a collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            weights = get_model_state_dict(lm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         out = save_checkpoint(p.path, lm.model, lm.tokenizer, self.optimizer,
                               self.batches.state_dict() if self.batches is not None else None, self.step,
-                              msgspec.to_builtins(extra), group=self.group)
+                              msgspec.to_builtins(extra), group=self.group, sharded=sharded, weights=weights)
         return SaveCheckpointResult(path=str(out), step=self.step, time_s=time.perf_counter() - t0)
 
     def load_checkpoint(self, p: LoadCheckpointParams | None = None, /, **fields: Any) -> LoadCheckpointResult:
@@ -509,7 +524,8 @@ class Session:
         p = params(LoadCheckpointParams, p, fields)
         self._check_generation(p, "load_checkpoint")
         lm = self._need_model()
-        pending = read_checkpoint(p.path, model=lm.model, optimizer=self.optimizer, group=self.group)
+        pending = read_checkpoint(p.path, model=lm.model, optimizer=self.optimizer, group=self.group,
+                                  sharded=self.dp is not None and self.dp.sharded)
         state, state_file = pending.state, Path(p.path) / STATE_FILE
         try:
             extra = msgspec.convert(state.extra, CheckpointExtra)
@@ -542,6 +558,11 @@ class Session:
         return LoadCheckpointResult(path=state.path, step=state.step, extra=extra)
 
     # ------------------------------------------------------------------ helpers
+
+    def _need_whole_tensors(self, method: str) -> None:
+        if self.dp is not None and self.dp.sharded:
+            raise SessionError(f"{method}: it reads whole tensors and parallel 'fsdp' shards each one across the "
+                               "ranks; use parallel 'ddp' to watch masks and weights", "parallel")
 
     def _need_model(self) -> LoadedModel:
         if self.loaded is None:

@@ -148,6 +148,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     def visit(v: Any, depth: int) -> None:
         nonlocal total
         if torch.is_tensor(v):
+            if hasattr(v, "to_local"):  # a DTensor (FSDP2): this rank's shard
+                v = v.to_local()
             storage = v.untyped_storage()
             key = (str(v.device), storage.data_ptr())
             if key not in seen:
@@ -397,16 +399,34 @@ def _kept_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
 
 
 class DataParallel:
-    """A sidecar group's data parallelism for train_step: the DDP-wrapped module, the
-    group (for the loss sum and the slowest rank's time) and the hook's state."""
+    """A sidecar group's data parallelism for train_step: the module to run (DDP's
+    wrapper, or the FSDP2-sharded model itself), the group (for the loss sum and the
+    slowest rank's time) and, under DDP, the communication hook's state."""
 
-    def __init__(self, module: torch.nn.Module, group: Any, comm: Any):
-        self.module, self.group, self.comm = module, group, comm
+    def __init__(self, module: torch.nn.Module, group: Any, comm: Any = None, sharded: bool = False):
+        self.module, self.group, self.comm, self.sharded = module, group, comm, sharded
+
+    def gradient_sync(self, on: bool) -> contextlib.AbstractContextManager:
+        """Gradient accumulation: only the last micro-batch's backward communicates."""
+        if on:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.module.set_requires_gradient_sync(False)
+            return _ResyncOnExit(self.module)
+        return self.module.no_sync()
 
     def slice(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from .parallel import rank_slice
 
         return rank_slice(batch, self.group.rank, self.group.world_size)
+
+
+class _ResyncOnExit(contextlib.AbstractContextManager):
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.set_requires_gradient_sync(True)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -454,8 +474,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if dp is not None:  # this rank's rows of each global micro-batch; the sums run over the group
         batches = [dp.slice(b) for b in batches]
         forward = dp.module
-        dp.comm.bytes = 0
-    sparse_comm = dp is not None and dp.comm.sparse
+        if dp.comm is not None:
+            dp.comm.bytes = 0
+    sparse_comm = dp is not None and dp.comm is not None and dp.comm.sparse
     if grad_clip is not None and sparse_comm:
         raise InvalidParams("grad_clip needs the full gradients, and NanoAdam's sparse all-reduce sums only the "
                             "selected entries; turn one of them off", field="grad_clip")
@@ -473,13 +494,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
         loss_sum: Any = 0.0
         for n, batch in enumerate(batches):
-            # DDP all-reduces in the last micro-batch's backward only
-            with forward.no_sync() if dp is not None and n < len(batches) - 1 else contextlib.nullcontext():
+            # DDP and FSDP communicate in the last micro-batch's backward only
+            with dp.gradient_sync(n == len(batches) - 1) if dp is not None else contextlib.nullcontext():
                 loss = _loss_sum(forward, batch) / tokens
                 loss.backward()
             loss_sum += loss.detach()  # an fp32 tensor on the device from the first micro-batch on
         grad_norm = None
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if dp is not None and dp.sharded:  # FSDP: this rank's shards; the norm is summed over the ranks below
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         if grads and not sparse_grads:
             # In fp32 even for bf16 gradients; clipping scales like clip_grad_norm_ does.
             grad_norm = torch.linalg.vector_norm(
@@ -491,7 +514,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         loss_value, *rest = values.tolist()
         norm_value = rest[0] if rest else None
         if dp is not None:  # each rank summed its rows: the step's loss is the sum over ranks
-            loss_value = dp.group.all_reduce_sum([loss_value])[0]
+            if dp.sharded and norm_value is not None:  # and each rank's shard holds part of the norm
+                loss_value, square = dp.group.all_reduce_sum([loss_value, norm_value ** 2])
+                norm_value = math.sqrt(square)
+                grad_norm = torch.tensor(norm_value, device=grads[0].device)
+            else:
+                loss_value = dp.group.all_reduce_sum([loss_value])[0]
         if not math.isfinite(loss_value) or (norm_value is not None and not math.isfinite(norm_value)):
             raise NonFiniteError(step, loss_value, norm_value)
         if observe is not None:  # the gradients as accumulated, before clipping (Session.sample_weights)
