@@ -37,13 +37,13 @@ def env():
 class Group:
     """A sidecar group of `nproc` ranks (0: one plain sidecar process) and a client."""
 
-    def __init__(self, tmp: pathlib.Path, nproc: int):
+    def __init__(self, tmp: pathlib.Path, nproc: int, parent_pid: int | None = None):
         tmp.mkdir(parents=True, exist_ok=True)
         endpoint = f"ipc://{tmp}/s.sock"
         if nproc:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
                    "--monitor-interval", "0.1", "--max-restarts", "0", "-m", "nanotune.sidecar",
-                   "--endpoint", endpoint, "--device", "cpu", "--parent-pid", str(os.getpid())]
+                   "--endpoint", endpoint, "--device", "cpu", "--parent-pid", str(parent_pid or os.getpid())]
         else:
             cmd = [sys.executable, "-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", "cpu"]
         # its own session: the test can signal torchrun's whole process group
@@ -84,8 +84,8 @@ class Group:
 def groups(tmp_path):
     made = []
 
-    def start(nproc, name=None):
-        g = Group(tmp_path / (name or f"g{len(made)}"), nproc)
+    def start(nproc, name=None, parent_pid=None):
+        g = Group(tmp_path / (name or f"g{len(made)}"), nproc, parent_pid)
         made.append(g)
         return g
 
@@ -257,6 +257,24 @@ def test_a_rank_killed_during_a_step_is_named_and_no_process_is_left(groups):
     assert msg["event"] == "rank:lost" and msg["data"]["rank"] == 1 and msg["data"]["pid"] == victim
     assert elapsed < 2.0, elapsed
     assert g.proc.wait(30) != 0  # torchrun reports the failed rank
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in g.pids()):
+        assert time.monotonic() < deadline, [pid for pid in g.pids() if alive(pid)]
+        time.sleep(0.05)
+
+
+def test_every_rank_exits_when_the_parent_is_gone(groups):
+    """--parent-pid names the client: when it dies, rank 0 and the followers (whose
+    main thread waits in a collective) all exit, and so does torchrun."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        g = groups(2, parent_pid=parent.pid)
+        setup_run(g, NANO)
+        losses(g, 1, 4)
+    finally:
+        parent.kill()
+        parent.wait()
+    g.proc.wait(30)
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in g.pids()):
         assert time.monotonic() < deadline, [pid for pid in g.pids() if alive(pid)]
