@@ -10,7 +10,10 @@
 #      (torch.cuda.set_per_process_memory_fraction);
 #   4. bench/gpu_wire.py: the 3B run through the wire (a Python DEALER client drives a
 #      real sidecar, capped at 24 GiB: load_model, load_dataset, create_optimizer,
-#      train_step, save_checkpoint), since the device image has no Node.
+#      train_step, save_checkpoint), since the device image has no Node;
+#   5. a sidecar group on the GPU (torchrun, one rank, nccl): the 3B run through the wire
+#      under DDP with NanoAdam's sparse all-reduce, and under FSDP2 (one GPU: world size 1,
+#      so it checks the CUDA paths of nanotune.distributed, not speed-up).
 #
 # Prepare here (x86_64 wheels for the machine's Python, 3.12 on our H100/H200 image):
 #   echo /.whl/ >> .git/info/exclude
@@ -31,4 +34,5 @@ echo "== 1. CUDA tests"; timeout 100 python3 -m pytest -q -p no:cacheprovider te
 echo "== 2. 3B uncapped"; timeout 200 python3 bench/gpu.py --steps 10 --warmup 2 --variants adamw,nanoadam,nanoadam-sparse,adamw8bit --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
 echo "== 3. 3B capped at 24 GiB"; timeout 100 python3 bench/gpu.py --steps 5 --warmup 2 --variants adamw,nanoadam-sparse,nanoadam --memory-cap-gib 24 --json "$OUT/gpu24.json" 2>&1 | tee "$OUT/gpu24.md"
 echo "== 4. 3B through the wire, capped at 24 GiB"; timeout 170 python3 bench/gpu_wire.py --steps 10 --memory-cap-gib 24 --json "$OUT/wire.json" 2>&1 | grep -v "shards\|Loading weights" | tee "$OUT/wire.md"
+echo "== 5. 3B in a sidecar group on CUDA (1 rank, nccl)"; { timeout 120 python3 bench/gpu_wire.py --steps 5 --nproc 1 --parallel ddp --variants nanoadam-sparse --json "$OUT/group-ddp.json"; timeout 120 python3 bench/gpu_wire.py --steps 5 --nproc 1 --parallel fsdp --variants nanoadam --json "$OUT/group-fsdp.json"; } 2>&1 | grep -v "shards\|Loading weights" | tee "$OUT/group.md"
 echo "== done"

@@ -12,6 +12,10 @@ and the sidecar's torch.cuda.max_memory_allocated at shutdown.
 
     python bench/gpu_wire.py --memory-cap-gib 24          # on a GPU: the 3B run
     python bench/gpu_wire.py --small --device cpu --steps 3  # the same path, small, on a CPU
+    python bench/gpu_wire.py --nproc 1 --parallel ddp   # a sidecar group under torchrun (nccl on CUDA)
+
+With --nproc the sidecar is a group launched by torchrun (nanotune.distributed), with
+load_model's `parallel`; the memory cap and the peak are then not measured.
 """
 
 from __future__ import annotations
@@ -113,15 +117,22 @@ def write_data(path: pathlib.Path, rows: int = 256) -> None:
 def run(variant: str, args, model_dir: pathlib.Path, data: pathlib.Path, work: pathlib.Path) -> dict:
     sock = work / f"{variant}.sock"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", SIDECAR, f"ipc://{sock}", args.device, str(args.memory_cap_gib or 0)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    cmd = [sys.executable, "-c", SIDECAR, f"ipc://{sock}", args.device, str(args.memory_cap_gib or 0)]
+    if args.nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--standalone",
+               "--monitor-interval", "0.1", "-m", "nanotune.sidecar", "--endpoint", f"ipc://{sock}",
+               "--device", args.device]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            start_new_session=True)
     ready = json.loads(proc.stdout.readline())["ready"]
     c = Client(ready, timeout_ms=args.call_timeout_s * 1000)
     row: dict = {"variant": variant}
     try:
         c.call("hello", {"protocol": 1})
         t0 = time.perf_counter()
-        m = c.call("load_model", {"path": str(model_dir), "dtype": "bfloat16", "gradientCheckpointing": True})
+        m = c.call("load_model", {"path": str(model_dir), "dtype": "bfloat16", "gradientCheckpointing": True,
+                                  **({"parallel": args.parallel} if args.nproc else {})})
+        row["world_size"] = m.get("worldSize", 1)
         row["load_s"] = time.perf_counter() - t0
         row["params"] = m["parameters"]
         c.call("load_dataset", {"path": str(data), "cutoff": args.seq, "seed": 0})
@@ -136,6 +147,7 @@ def run(variant: str, args, model_dir: pathlib.Path, data: pathlib.Path, work: p
         row["first_step_s"] = steps[0]["timeS"]
         row["tokens_per_step"] = steps[-1]["tokens"]
         row["state_bytes"] = steps[-1]["stateBytes"]
+        row["all_reduced_bytes"] = steps[-1].get("allReducedBytes")
         t0 = time.perf_counter()
         c.call("save_checkpoint", {"path": str(work / f"ckpt-{variant}")})
         row["save_s"] = time.perf_counter() - t0
@@ -166,6 +178,8 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--memory-cap-gib", type=float, default=None)
     ap.add_argument("--call-timeout-s", type=int, default=600)
+    ap.add_argument("--nproc", type=int, default=0, help="launch a sidecar group of this many ranks with torchrun")
+    ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="with --nproc: load_model's parallel")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.device is None:
@@ -184,7 +198,8 @@ def main() -> None:
         rows = [run(v, args, model_dir, data, work) for v in args.variants.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cap = f", sidecar capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib else ""
+    cap = f", sidecar capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib and not args.nproc else ""
+    cap += f", a group of {args.nproc} rank(s), {args.parallel}" if args.nproc else ""
     print(f"# through the wire: device {args.device}, micro-batch {args.micro_batch}, cutoff {args.seq}, "
           f"k={args.density:g}, {args.steps} steps{cap}")
     for r in rows:
@@ -193,7 +208,8 @@ def main() -> None:
             continue
         print(f"{r['variant']}: {r['params'] / 1e9:.3f}B params, load {r['load_s']:.1f} s, step {r['step_s'] * 1e3:.0f} ms "
               f"(first {r['first_step_s'] * 1e3:.0f} ms), save {r['save_s']:.1f} s, peak allocated "
-              f"{fmt_gib(r['peak_bytes'])}, state {r['state_bytes'] / 2**30:.3f} GiB, losses {r['losses']}")
+              f"{fmt_gib(r['peak_bytes'])}, state {r['state_bytes'] / 2**30:.3f} GiB, all-reduced "
+              f"{r['all_reduced_bytes']} B, losses {r['losses']}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
 
