@@ -1,6 +1,17 @@
 // nanotune's public API: what `import { ... } from "nanotune"` gives. The wire's zod
 // tables stay inside (protocol/schema.ts); users get classes, functions and types.
-export { Sidecar, type SidecarOptions, type CallOptions, type Params, type Result, type HelloInfo, type SidecarEvent, type WithTensors } from "./sidecar.ts";
+export {
+  Sidecar,
+  type SidecarOptions,
+  type CallOptions,
+  type Params,
+  type Result,
+  type HelloInfo,
+  type SidecarEvent,
+  type WithTensors,
+  type DistributedOptions,
+  type DistributedInfo,
+} from "./sidecar.ts";
 export { NanotuneError, SidecarError, ConfigError, ErrorCode, errorCodes, isUserError, type NanotuneErrorOptions, type SidecarErrorOptions } from "./errors.ts";
 export { Tensor, type DType, type TypedArrayOf } from "./tensor.ts";
 export { PROTOCOL_VERSION, type MethodName, type EventName } from "../protocol/schema.ts";

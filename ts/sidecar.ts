@@ -12,13 +12,17 @@
 // handed over on stdin; a heartbeat (`status` every heartbeatMs while a call is
 // pending) turns a stopped or stuck sidecar into SIDECAR_UNRESPONSIVE and a lost reply
 // into INTERNAL; call() never throws synchronously and never hangs.
+// Groups (docs/distributed.md): with `distributed`, torchrun starts one sidecar per
+// rank and global rank 0 serves us; `pid` is rank 0's, `launcherPid` torchrun's
+// (Note [group processes] in ts/distributed.ts, Note [losing a rank] below).
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { constants, tmpdir } from "node:os";
 import { join } from "node:path";
 import { execa } from "execa";
 import { Context, Dealer, curveKeyPair } from "zeromq";
 import type { z } from "zod";
 import { PROTOCOL_VERSION, events as eventSchemas, methods, type EventName, type MethodName, type TensorRef } from "../protocol/schema.ts";
+import { type DistributedOptions, LaunchedGroup, parseDistributed, torchrunArgs } from "./distributed.ts";
 import { NanotuneError, SidecarError, wireCode, type ErrorCode } from "./errors.ts";
 import { findPython, noPythonMessage, packageRoot, pythonPathWith } from "./paths.ts";
 import { Tensor } from "./tensor.ts";
@@ -49,6 +53,10 @@ export type Params<M extends MethodName> = WithTensors<z.input<(typeof methods)[
 export type Result<M extends MethodName> = WithTensors<z.output<(typeof methods)[M]["result"]>>;
 export type HelloInfo = Result<"hello">;
 export type SidecarEvent = { [E in EventName]: { event: E; data: z.output<(typeof eventSchemas)[E]> } }[EventName];
+/** A sidecar group's ranks as hello reports them (`sidecar.info.distributed`). */
+export type DistributedInfo = NonNullable<HelloInfo["distributed"]>;
+type RankLost = z.output<(typeof eventSchemas)["rank:lost"]>;
+export type { DistributedOptions };
 
 export interface SidecarOptions {
   /**
@@ -94,6 +102,15 @@ export interface SidecarOptions {
   heartbeatMs?: number;
   /** Heartbeats in a row without any answer before the sidecar counts as unresponsive (see heartbeatMs). Default 3. */
   heartbeatMisses?: number;
+  /**
+   * Start a sidecar group: torchrun runs one sidecar per rank (`nprocPerNode` on this
+   * node; with `nnodes` > 1 the other nodes join through `rdzvEndpoint`, each started
+   * with `nanotune node`), and global rank 0, here, serves this client. Training
+   * methods run on every rank (data parallel: microBatch is per rank). `info.distributed`
+   * lists the ranks. A rank that dies takes the group down: pending and later calls
+   * reject with SIDECAR_CRASHED naming it. See docs/distributed.md.
+   */
+  distributed?: DistributedOptions;
 }
 
 export interface CallOptions {
@@ -104,9 +121,14 @@ export interface CallOptions {
 }
 
 const STDERR_LINES = 40; // kept for SIDECAR_CRASHED
+// A group: torchrun's own report of a failed launch (its traceback, then a block per
+// failed rank: 30-50 lines) comes last, after the line a rank wrote about why it failed.
+const GROUP_STDERR_LINES = 120;
 const CLOSE_STEP_MS = 2000; // close(): how long each of shutdown, SIGTERM, SIGKILL may take
 const CANCEL_WAIT_MS = 3000; // how long an aborted/timed-out call waits for the sidecar to confirm (> its forced-cancel delay)
 const STACK_DUMP_MS = 300; // SIDECAR_UNRESPONSIVE: how long stderr is collected after SIGUSR1 (faulthandler's dump)
+const AGENT_GRACE_MS = 1000; // a group that lost a rank: how long torchrun's agent may take to reap its killed ranks and exit before it is killed too
+const RANK_WATCH_MS = 100; // a group: how often the client looks for a rank of this host that is gone (Note [losing a rank])
 
 interface Pending {
   method: string;
@@ -170,7 +192,10 @@ export class Sidecar {
   info!: HelloInfo;
   /** The ZeroMQ endpoint the sidecar serves (ipc:// or tcp://). */
   readonly endpoint: string;
+  /** The sidecar's process: in a group, global rank 0's (hello's pid). */
   readonly pid: number;
+  /** The process start() spawned: torchrun's agent for a group, else the sidecar itself (= pid). */
+  readonly launcherPid: number;
   /** On tcp: the sidecar's CURVE public key for this start (not a secret; the client's keys stay private). null on ipc. */
   readonly curveServerKey: string | null;
 
@@ -198,6 +223,7 @@ export class Sidecar {
   private misses = 0; // heartbeats in a row after which nothing had been heard since the previous one
   private failing = false; // declared unresponsive; collecting the stack dump
   private started = false; // hello answered: the heartbeat runs from then on (startTimeoutMs covers the start)
+  private rankWatch: NodeJS.Timeout | null = null; // a group: Note [losing a rank]
 
   private constructor(
     private readonly child: SidecarProcess,
@@ -208,9 +234,13 @@ export class Sidecar {
     exited: Promise<void>,
     private readonly stderrWatchers: Set<(line: string) => void>,
     keys: CurveKeys,
+    /** a group's torchrun agent and ranks on this host; null: one process */
+    private readonly group: LaunchedGroup | null,
+    servingPid: number | null,
   ) {
     this.endpoint = endpoint;
-    this.pid = child.pid!;
+    this.launcherPid = child.pid!;
+    this.pid = servingPid ?? child.pid!;
     this.stderrTail = stderrTail;
     this.exited = exited;
     this.heartbeatMs = opts.heartbeatMs ?? 2000;
@@ -229,6 +259,8 @@ export class Sidecar {
   /** Starts the sidecar process and completes the hello handshake (PROTOCOL_MISMATCH if versions differ). */
   static async start(options: SidecarOptions = {}): Promise<Sidecar> {
     const opts = { device: "auto", startTimeoutMs: 120_000, transport: "ipc", callTimeoutMs: Infinity, heartbeatMs: 2000, heartbeatMisses: 3, ...options } satisfies SidecarOptions;
+    // a wrong group option fails before anything runs
+    const distributed = opts.distributed === undefined ? null : parseDistributed(opts.distributed, "Sidecar.start");
     if (!(opts.heartbeatMs > 0)) throw new NanotuneError("INVALID_ARGUMENT", `Sidecar.start: heartbeatMs must be a positive number of ms (Infinity: off), got ${opts.heartbeatMs}`);
     if (!Number.isInteger(opts.heartbeatMisses) || opts.heartbeatMisses < 1) {
       throw new NanotuneError("INVALID_ARGUMENT", `Sidecar.start: heartbeatMisses must be an integer >= 1, got ${opts.heartbeatMisses}`);
@@ -257,7 +289,13 @@ export class Sidecar {
 
     // --parent-pid: the sidecar also asks Linux for SIGTERM when this thread dies
     // (PR_SET_PDEATHSIG); execa's cleanup kills it when Node exits normally.
-    const args = ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid), "--keys-from-stdin"];
+    // A group: torchrun runs the same command on every rank (only rank 0 binds the
+    // endpoint and reads the keys; every rank watches --parent-pid), detached in its own
+    // process group, and we keep its ranks (Note [group processes] in ts/distributed.ts):
+    // execa's cleanup does not apply to a detached process, so an exit hook of ours
+    // kills the group when Node exits with it still running.
+    const sidecarArgs = ["-m", "nanotune.sidecar", "--endpoint", endpoint, "--device", opts.device, "--parent-pid", String(process.pid), "--keys-from-stdin"];
+    const args = distributed ? [...torchrunArgs(distributed), ...sidecarArgs, ...(distributed.backend ? ["--backend", distributed.backend] : [])] : sidecarArgs;
     const child = execa(python, args, {
       stdin: "pipe",
       stdout: "pipe",
@@ -267,8 +305,12 @@ export class Sidecar {
       buffer: false,
       reject: false,
       cleanup: true,
+      detached: distributed !== null,
       forceKillAfterDelay: false, // close() runs its own SIGTERM -> SIGKILL ladder
     });
+    const group = distributed && child.pid !== undefined ? new LaunchedGroup(child.pid) : null;
+    const killGroup = () => group?.signal("SIGKILL");
+    if (group) process.on("exit", killGroup);
     // With reject: false the promise resolves once the process is gone; a spawn
     // failure (ENOENT, EACCES) resolves it with neither exit code nor signal.
     const spawnError = child.then((r) => (r.exitCode === undefined && r.signal === undefined ? r : null));
@@ -279,7 +321,7 @@ export class Sidecar {
     const onStderr = opts.onStderr ?? ((line: string) => process.stderr.write(`${line}\n`));
     lines(child.stderr!, (line) => {
       stderrTail.push(line);
-      if (stderrTail.length > STDERR_LINES) stderrTail.shift();
+      if (stderrTail.length > (distributed ? GROUP_STDERR_LINES : STDERR_LINES)) stderrTail.shift();
       onStderr(line);
       for (const w of stderrWatchers) w(line);
     });
@@ -288,13 +330,24 @@ export class Sidecar {
     const exited = new Promise<void>((resolve) => {
       child.once("exit", (code, signal) => {
         exitInfo = { code, signal };
+        if (group) {
+          // torchrun waits for its ranks, but one it could not stop (or an agent killed
+          // with SIGKILL) would outlive it: nothing may stay behind (Note [group processes])
+          killGroup();
+          process.off("exit", killGroup);
+        }
         // stderr may still hold the last lines (a traceback); wait briefly for them
         void Promise.race([stderrEnded, new Promise((r) => setTimeout(r, 100))]).then(() => resolve());
       });
-      void spawnError.then((r) => r && resolve());
+      void spawnError.then((r) => {
+        if (!r) return;
+        process.off("exit", killGroup);
+        resolve();
+      });
     });
 
     let ready: string;
+    let servingPid: number | null = null; // the ready line's pid: a group's rank 0
     let timer: NodeJS.Timeout | undefined;
     try {
       ready = await new Promise<string>((resolve, reject) => {
@@ -321,20 +374,23 @@ export class Sidecar {
         });
         lines(child.stdout!, (line) => {
           try {
-            const msg = JSON.parse(line) as { ready?: string };
-            if (typeof msg.ready === "string") resolve(msg.ready);
+            const msg = JSON.parse(line) as { ready?: string; pid?: unknown };
+            if (typeof msg.ready !== "string") return;
+            if (group && typeof msg.pid === "number") servingPid = msg.pid;
+            resolve(msg.ready);
           } catch {
             onStderr(`[sidecar stdout] ${line}`);
           }
         });
       }).finally(() => clearTimeout(timer)); // else the start timer keeps a finished script alive
     } catch (e) {
-      child.kill("SIGKILL");
+      if (group) killGroup();
+      else child.kill("SIGKILL");
       cleanupDir();
       throw e;
     }
 
-    const sc = new Sidecar(child, ready, tempDir, opts, stderrTail, exited, stderrWatchers, keys);
+    const sc = new Sidecar(child, ready, tempDir, opts, stderrTail, exited, stderrWatchers, keys, group, servingPid);
     void exited.then(() => sc.onExit(exitInfo));
     try {
       sc.info = await sc.hello({ timeoutMs: Math.max(1, deadline - Date.now()) });
@@ -349,6 +405,19 @@ export class Sidecar {
           "START_FAILED",
           `the sidecar serves ${ready} but says transport ${sc.info.transport}, security ${sc.info.security} (expected ${expected.transport}, ${expected.security})`,
         );
+      }
+      if (distributed) {
+        const d = sc.info.distributed ?? null;
+        const worldSize = distributed.nprocPerNode * (distributed.nnodes ?? 1);
+        if (d === null || d.worldSize !== worldSize) {
+          throw new SidecarError(
+            "START_FAILED",
+            `torchrun started ${d ? `a group of ${d.worldSize} ranks` : "a sidecar that is not in a group (hello's distributed is null)"}, expected ${worldSize} (nprocPerNode ${distributed.nprocPerNode} x nnodes ${distributed.nnodes ?? 1})`,
+            { data: { distributed: d } },
+          );
+        }
+        group!.collect(d.ranks.map((r) => r.pid)); // every rank is up: this node's are the agent's children now
+        sc.watchRanks(d);
       }
     } catch (e) {
       await sc.close();
@@ -505,9 +574,9 @@ export class Sidecar {
     }
     this.fail(new SidecarError("CLOSED", "the sidecar was closed"));
     if (alive() && !(await waitExit(CLOSE_STEP_MS))) {
-      this.child.kill("SIGTERM");
+      this.signal("SIGTERM");
       if (!(await waitExit(CLOSE_STEP_MS))) {
-        this.child.kill("SIGKILL");
+        this.signal("SIGKILL");
         await waitExit(CLOSE_STEP_MS);
       }
     }
@@ -524,15 +593,21 @@ export class Sidecar {
   kill(): void {
     this.shuttingDown = true;
     this.fail(new SidecarError("CLOSED", "the sidecar was killed"));
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already gone
-    }
+    this.signal("SIGKILL");
     this.teardown();
   }
 
   // ---- internals -------------------------------------------------------------
+
+  /** Signals the process: a group's torchrun agent and every rank of it on this host (Note [group processes]). */
+  private signal(signal: NodeJS.Signals): void {
+    if (this.group) return this.group.signal(signal);
+    try {
+      this.child.kill(signal);
+    } catch {
+      // already gone
+    }
+  }
 
   private methodThread(method: string): "io" | "compute" {
     return (methods as Record<string, { thread: "io" | "compute" }>)[method]?.thread ?? "compute";
@@ -619,7 +694,13 @@ export class Sidecar {
 
   private async beatLoop() {
     try {
-      for await (const _ of this.beat) this.lastHeard = performance.now();
+      for await (const [envelope, ...frames] of this.beat) {
+        this.lastHeard = performance.now();
+        // The sidecar sends an event to the connection that called last, which may be
+        // this one (rank:lost: Note [losing a rank]); its replies only said it lives.
+        const msg = this.decodeEnvelope(envelope!);
+        if (msg && typeof msg.event === "string") this.onEvent(msg, frames);
+      }
     } catch {
       /* closed */
     }
@@ -707,7 +788,8 @@ export class Sidecar {
         { data: { pid: this.pid, stacks, stopped, state, silentMs: Math.round(silentMs) } },
       ),
     );
-    this.child.kill("SIGKILL"); // a stopped process dies of SIGKILL too
+    if (this.group) this.killGroup();
+    else this.signal("SIGKILL"); // a stopped process dies of SIGKILL too
     this.teardown();
   }
 
@@ -750,25 +832,81 @@ export class Sidecar {
     }
   }
 
-  private onMessage(envelope: Buffer, frames: Buffer[]) {
-    let msg: Record<string, unknown>;
+  private decodeEnvelope(envelope: Buffer): Record<string, unknown> | null {
     try {
-      msg = decode(envelope) as Record<string, unknown>;
+      return decode(envelope) as Record<string, unknown>;
     } catch (e) {
       process.emitWarning(`nanotune: dropped an undecodable message from the sidecar: ${e}`);
+      return null;
+    }
+  }
+
+  private onEvent(msg: Record<string, unknown>, frames: Buffer[]) {
+    const name = msg.event as string;
+    const schema = (eventSchemas as Record<string, z.ZodType>)[name];
+    const parsed = schema ? schema.safeParse(msg.data) : { success: true as const, data: msg.data };
+    if (!parsed.success) {
+      process.emitWarning(`nanotune: event ${name} does not match the protocol: ${parsed.error.message}`);
       return;
     }
-    if (typeof msg.event === "string") {
-      const schema = (eventSchemas as Record<string, z.ZodType>)[msg.event];
-      const parsed = schema ? schema.safeParse(msg.data) : { success: true as const, data: msg.data };
-      if (!parsed.success) {
-        process.emitWarning(`nanotune: event ${msg.event} does not match the protocol: ${parsed.error.message}`);
-        return;
-      }
-      const ev = { event: msg.event, data: refsToTensors(parsed.data, frames) } as SidecarEvent;
-      for (const s of this.streams) s.push(ev);
-      return;
-    }
+    const ev = { event: name, data: refsToTensors(parsed.data, frames) } as SidecarEvent;
+    for (const s of this.streams) s.push(ev);
+    if (ev.event === "rank:lost") this.rankLost(ev.data);
+  }
+
+  // ---- Note [losing a rank] -------------------------------------------------------
+  //
+  // A sidecar group cannot go on without one of its ranks: the others would wait in
+  // their next collective. Rank 0 watches the ranks of its host and, when one is gone,
+  // sends rank:lost and exits; torchrun's agent then stops the rest. Here rank:lost
+  // rejects every pending call at once with SIDECAR_CRASHED naming the rank (its pid
+  // and host; data {rank, pid, host, reason}), kills what is left of the group on this
+  // host (SIGKILL to each rank, then to the agent unless it exits by itself: no rank
+  // stays behind) and makes later calls reject with the same error.
+  // rank:lost alone is not enough: torchrun's agent watches its ranks too (every 0.1 s)
+  // and often stops rank 0 (SIGTERM) before rank 0's own look (every 0.2 s) saw the
+  // loss, and then no rank:lost comes; the agent's exit follows 0.5-1.5 s later. So the
+  // client also watches the ranks of its host itself (watchRanks, every RANK_WATCH_MS),
+  // with the same outcome, whichever comes first. The agent's exit without either (no
+  // procfs) names the rank from the agent's own report on stderr (`failed (exitcode:
+  // -9) local_rank: 1 (pid: 1234)`) when it wrote one. A rank on another host is
+  // seen by none of these: its loss fails the call in flight as a collective error
+  // (Note [losing a rank] in python/nanotune/distributed.py).
+
+  private rankLost(d: RankLost) {
+    if (this.dead || this.shuttingDown) return;
+    this.crash(`rank ${d.rank} (pid ${d.pid} on host ${d.host}) died: ${d.reason}`, { rank: d.rank, pid: d.pid, host: d.host, reason: d.reason });
+  }
+
+  /**
+   * The client's own look at the ranks of this host, every RANK_WATCH_MS: the same
+   * outcome as rank:lost, whichever comes first. It does not wait on rank 0 winning
+   * the race against torchrun's agent, and it also sees rank 0 itself die. When several
+   * are gone at one look and rank 0 is among them, rank 0 is named: the others follow
+   * it and end when it is gone; else the lowest rank.
+   */
+  private watchRanks(d: DistributedInfo) {
+    const byPid = new Map(d.ranks.map((r) => [r.pid, r]));
+    this.rankWatch = setInterval(() => {
+      if (this.dead || this.shuttingDown) return this.unwatchRanks();
+      const gone = this.group!.goneRanks().flatMap((pid) => byPid.get(pid) ?? []);
+      if (gone.length === 0) return;
+      const r = gone.reduce((a, b) => (a.rank <= b.rank ? a : b));
+      const reason = `its process is gone${gone.length > 1 ? ` (so are ${gone.filter((x) => x !== r).map((x) => `rank ${x.rank}`).join(", ")})` : ""}`;
+      this.crash(`rank ${r.rank} (pid ${r.pid} on host ${r.host}) died: ${reason}`, { rank: r.rank, pid: r.pid, host: r.host, reason });
+    }, RANK_WATCH_MS);
+    this.rankWatch.unref();
+  }
+
+  private unwatchRanks() {
+    if (this.rankWatch) clearInterval(this.rankWatch);
+    this.rankWatch = null;
+  }
+
+  private onMessage(envelope: Buffer, frames: Buffer[]) {
+    const msg = this.decodeEnvelope(envelope);
+    if (!msg) return;
+    if (typeof msg.event === "string") return this.onEvent(msg, frames);
     const id = msg.id as number;
     const p = this.pending.get(id);
     if (!p) {
@@ -819,6 +957,7 @@ export class Sidecar {
     if (this.dead) return;
     this.dead = err;
     this.disarmHeartbeat();
+    this.unwatchRanks();
     for (const id of [...this.pending.keys()]) this.settle(id, err);
     for (const s of this.streams) s.end();
     this.streams.clear();
@@ -827,18 +966,39 @@ export class Sidecar {
   private onExit(exitInfo: { code: number | null; signal: NodeJS.Signals | null } | null) {
     if (this.dead) return;
     if (this.shuttingDown) return this.fail(new SidecarError("CLOSED", "the sidecar was closed"));
+    const exit = { signal: exitInfo?.signal ?? null, exitCode: exitInfo?.code ?? null };
+    if (!this.group) return this.crash(`sidecar (pid ${this.pid}) ${describeExit(exitInfo)}`, { pid: this.pid, ...exit });
+    // Note [losing a rank]: the agent stopped the group before rank 0 reported the loss
+    const failed = this.info?.distributed ? failedRank(this.stderrTail, this.info.distributed) : null;
+    const what = `sidecar group (torchrun pid ${this.launcherPid}, rank 0 pid ${this.pid}) ${describeExit(exitInfo)}`;
+    if (!failed) return this.crash(what, { pid: this.pid, ...exit });
+    const r = failed.rank;
+    this.crash(`rank ${r.rank} (pid ${r.pid} on host ${r.host}) died (${failed.how}); the ${what}`, { rank: r.rank, pid: r.pid, host: r.host, reason: failed.how, ...exit });
+  }
+
+  /** SIDECAR_CRASHED: `what` happened; rejects everything pending, kills what is left, closes the sockets. */
+  private crash(what: string, data: Record<string, unknown>) {
     const stderr = [...this.stderrTail];
-    const busy = [...this.pending.values()].map((p) => p.method);
+    const busy = [...this.pending.values()].filter((p) => !p.internal).map((p) => p.method);
     this.fail(
       new SidecarError(
         "SIDECAR_CRASHED",
-        `sidecar (pid ${this.pid}) ${describeExit(exitInfo)}` +
+        what +
           (busy.length ? ` while ${busy.join(", ")} ${busy.length > 1 ? "were" : "was"} pending` : "") +
+          (this.group ? `; killed the group (torchrun pid ${this.launcherPid} and its ranks on this host)` : "") +
           `; last stderr:\n${stderr.join("\n") || "(empty)"}`,
-        { data: { pid: this.pid, signal: exitInfo?.signal ?? null, exitCode: exitInfo?.code ?? null, stderr } },
+        { data: { ...data, ...(this.group ? { launcherPid: this.launcherPid } : {}), stderr } },
       ),
     );
+    if (this.group) this.killGroup();
     this.teardown();
+  }
+
+  /** SIGKILL to a group's ranks now; torchrun's agent reaps them and exits by itself, else it is killed AGENT_GRACE_MS later. */
+  private killGroup() {
+    this.group!.signalRanks("SIGKILL");
+    const alive = () => this.child.exitCode === null && this.child.signalCode === null;
+    if (alive()) setTimeout(() => alive() && this.signal("SIGKILL"), AGENT_GRACE_MS).unref();
   }
 
   /** Closes our sockets and removes the socket's temp dir (synchronously). */
@@ -869,6 +1029,24 @@ function procState(pid: number): string | null {
   } catch {
     return null;
   }
+}
+
+/**
+ * The rank whose failure torchrun's agent reported on stderr (its elastic API logs
+ * `failed (exitcode: -9) local_rank: 1 (pid: 1234) of binary: ...`), as hello listed
+ * it; null when the lines kept hold no such report, or name no rank we know.
+ */
+function failedRank(stderr: string[], d: DistributedInfo): { rank: DistributedInfo["ranks"][number]; how: string } | null {
+  for (const line of stderr) {
+    const m = /failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)/.exec(line);
+    if (!m) continue;
+    const rank = d.ranks.find((r) => r.pid === Number(m[3]));
+    if (!rank) continue;
+    const code = Number(m[1]);
+    const signal = code < 0 ? Object.entries(constants.signals).find(([, n]) => n === -code)?.[0] : undefined;
+    return { rank, how: code < 0 ? `killed by ${signal ?? `signal ${-code}`}` : `exited with code ${code}` };
+  }
+  return null;
 }
 
 function describeExit(info: { code: number | null; signal: NodeJS.Signals | null } | null): string {

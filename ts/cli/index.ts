@@ -16,6 +16,7 @@ import { packageRoot, packageVersion } from "../paths.ts";
 import { doctorCommand } from "./doctor.ts";
 import { evalCommand } from "./eval.ts";
 import { exportCommand } from "./export.ts";
+import { nodeCommand } from "./node.ts";
 import { plotCommand } from "./plot.ts";
 import { runPython } from "./python.ts";
 import { setupCommand } from "./setup.ts";
@@ -53,10 +54,13 @@ const COMMANDS: Record<string, Command> = {
 
 Finetunes with the Trainer as the config says: the Trainer's options as JSON
 ({model, data, optimizer, steps, microBatch, gradAccum, lr, gradClip, maskPolicy,
-evalEvery, checkpointEvery, runDir, resumeFrom, overwrite, onNonFinite, maxSkips}). A wrong or unknown field is an error that
-names it. Relative paths in the file (a model directory, data.path,
-data.evalPath, runDir, resumeFrom) are relative to the file's directory; a
-preset name such as "tiny-llama" stays a preset.
+evalEvery, checkpointEvery, runDir, resumeFrom, overwrite, onNonFinite, maxSkips,
+distributed}). A wrong or unknown field is an error that names it.
+"distributed": {"nprocPerNode": N} trains on a sidecar group of N ranks
+(torchrun; microBatch is per rank; see docs/distributed.md and nanotune node).
+Relative paths in the file (a model directory, data.path, data.evalPath, runDir,
+resumeFrom) are relative to the file's directory; a preset name such as
+"tiny-llama" stays a preset.
 
 Progress goes to stderr (a bar on a terminal, log lines otherwise); with runDir
 every event is also appended to <runDir>/metrics.jsonl. A runDir that already
@@ -90,6 +94,73 @@ options:
         if (!/^\d+$/.test(String(values.port)) || port > 65535) throw new NanotuneError("INVALID_ARGUMENT", `train: --port must be an integer in 0..65535, got '${values.port}'`);
       }
       return trainCommand(config!, { verbose, dashboard: values.dashboard ? { port } : undefined });
+    },
+  },
+  node: {
+    summary: "node --nnodes N ...    join a multi-node sidecar group as node 1..N-1 (node 0 runs train or Sidecar.start)",
+    usage: `usage: nanotune node --nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--nproc-per-node K] [--device auto|cpu|cuda] [--backend gloo|nccl]
+
+Starts node R (1..N-1) of a sidecar group of N nodes: torchrun runs K sidecar ranks
+here, which join node 0 at HOST:PORT (torchrun's static rendezvous: node 0's
+address and a free port, the "rdzvEndpoint" of node 0's "distributed" option) and
+follow its global rank 0. Node 0 is where \`nanotune train\` (a config with
+"distributed": {"nprocPerNode", "nnodes", "rdzvEndpoint"}) or
+Sidecar.start({ distributed }) runs; it alone serves the client. Start the other
+nodes first or soon after it. This command lasts as long as the group: when node 0
+closes, this node's ranks end and it exits with torchrun's exit code. Rank traffic
+between nodes (gloo, nccl, torchrun's store) is neither encrypted nor
+authenticated: use a trusted network. See docs/distributed.md.
+
+SIGINT or SIGTERM stops this node's ranks, which ends the whole group (node 0's
+calls fail with SIDECAR_CRASHED); a second one kills them.
+
+options:
+  --nnodes N              nodes in the group (2 or more)
+  --node-rank R           this node's rank, 1..N-1
+  --rdzv-endpoint H:P     node 0's host and port
+  --nproc-per-node K      ranks on this node (default 1; on CUDA one per GPU)
+  --device D              auto (default: cuda when torch sees a GPU), cpu or cuda
+  --backend B             gloo or nccl (default: nccl on CUDA, gloo on the CPU);
+                          the same on every node
+  -h, --help              show this help
+  --verbose               print stack traces of errors`,
+    options: {
+      nnodes: { type: "string" },
+      "node-rank": { type: "string" },
+      "rdzv-endpoint": { type: "string" },
+      "nproc-per-node": { type: "string" },
+      device: { type: "string" },
+      backend: { type: "string" },
+    },
+    positionals: [0, 0, ""],
+    async run(_p, values) {
+      const int = (flag: string, fallback?: number): number => {
+        const v = values[flag];
+        if (v === undefined) {
+          if (fallback !== undefined) return fallback;
+          throw new NanotuneError("INVALID_ARGUMENT", `node: --${flag} is required (see nanotune node --help)`);
+        }
+        if (!/^\d+$/.test(String(v))) throw new NanotuneError("INVALID_ARGUMENT", `node: --${flag} must be a non-negative integer, got '${v}'`);
+        return Number(v);
+      };
+      const nnodes = int("nnodes");
+      const nodeRank = int("node-rank");
+      const rdzvEndpoint = values["rdzv-endpoint"];
+      if (rdzvEndpoint === undefined) throw new NanotuneError("INVALID_ARGUMENT", "node: --rdzv-endpoint is required: node 0's HOST:PORT (see nanotune node --help)");
+      const device = values.device ?? "auto";
+      if (device !== "auto" && device !== "cpu" && device !== "cuda") throw new NanotuneError("INVALID_ARGUMENT", `node: --device must be auto, cpu or cuda, got '${device}'`);
+      const backend = values.backend;
+      if (backend !== undefined && backend !== "gloo" && backend !== "nccl") throw new NanotuneError("INVALID_ARGUMENT", `node: --backend must be gloo or nccl, got '${backend}'`);
+      const flags: Record<string, string> = { nprocPerNode: "--nproc-per-node", nnodes: "--nnodes", nodeRank: "--node-rank", rdzvEndpoint: "--rdzv-endpoint" };
+      try {
+        return await nodeCommand({ nnodes, nodeRank, rdzvEndpoint: String(rdzvEndpoint), nprocPerNode: int("nproc-per-node", 1), device, backend });
+      } catch (e) {
+        // parseDistributed names the option's field (distributed.nnodes): say the flag instead
+        const field = e instanceof NanotuneError && e.code === "INVALID_PARAMS" ? (e.data as { field?: string } | undefined)?.field : undefined;
+        const flag = field && flags[field.replace(/^distributed\./, "")];
+        if (!flag) throw e;
+        throw new NanotuneError("INVALID_ARGUMENT", `node: ${flag}: ${e instanceof Error ? e.message.replace(/^.*?: distributed\.\w+: /, "") : e}`, { cause: e });
+      }
     },
   },
   eval: {

@@ -53,7 +53,8 @@ export async function trainCommand(configPath: string, options: TrainCommandOpti
   process.on("SIGTERM", onSignal);
   let end: Extract<TrainerEvent, { type: "run:end" }> | undefined;
   try {
-    sidecar = await Sidecar.start({ device: "auto" });
+    // a group (config.distributed): torchrun starts one sidecar per rank here, rank 0 serves us
+    sidecar = await Sidecar.start({ device: "auto", distributed: config.distributed });
     const trainer = new Trainer({
       sidecar,
       ...config,

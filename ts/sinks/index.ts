@@ -72,7 +72,11 @@ function consoleLines(options: ConsoleOptions = {}): Sink {
       switch (ev.type) {
         case "run:start":
           total = ev.totalSteps;
-          return print(`model ${ev.model.path}: ${ev.model.parameters.toLocaleString("en-US")} params on ${ev.model.device}; ${ev.data.trainExamples} examples`);
+          return print(
+            `model ${ev.model.path}: ${ev.model.parameters.toLocaleString("en-US")} params on ${ev.model.device}` +
+              (ev.model.parallel ? ` x ${ev.model.worldSize} ranks (${ev.model.parallel})` : "") +
+              `; ${ev.data.trainExamples} examples`,
+          );
         case "train:step":
           if (ev.step % every === 0 || ev.step + 1 === total) {
             print(`step ${ev.step}: loss ${ev.loss.toFixed(4)} lr ${ev.lr.toExponential(2)}${ev.density === null ? "" : ` k ${ev.density.toFixed(4)}`}`);

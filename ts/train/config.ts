@@ -4,6 +4,7 @@
 // names its path, e.g. `optimizer.densty: unknown field`.
 import { z } from "zod";
 import { methods } from "../../protocol/schema.ts";
+import { DistributedConfig } from "../distributed.ts";
 import { ConfigError } from "../errors.ts";
 import { type MaskPolicy, policies } from "./policies.ts";
 import { type Schedule, type ScheduleLike, type ScheduleSpec, schedules } from "./schedules.ts";
@@ -126,6 +127,13 @@ export const TrainerConfig = z.strictObject({
   maxSkips: z.number().int().min(0).default(3),
   /** Progress bar on stderr (default: when stderr is a TTY). */
   progress: z.boolean().optional(),
+  /**
+   * A sidecar group (docs/distributed.md): what `nanotune train` passes to
+   * Sidecar.start({ distributed }); a Trainer given a sidecar checks that its group has
+   * nprocPerNode x nnodes ranks. microBatch is per rank. `model.parallel` picks ddp
+   * (default) or fsdp.
+   */
+  distributed: DistributedConfig.optional(),
 });
 export type TrainerOptions = z.input<typeof TrainerConfig>;
 export type ResolvedTrainerConfig = z.output<typeof TrainerConfig>;

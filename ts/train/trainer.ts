@@ -97,6 +97,18 @@ export class Trainer {
     if (this.config.optimizer.name !== "nanoadam" && this.config.maskPolicy !== undefined) {
       throw new ConfigError("Trainer options", [{ path: "maskPolicy", message: `needs optimizer.name 'nanoadam' (${this.config.optimizer.name} has no mask)` }]);
     }
+    // `distributed` is how the sidecar was to be started (`nanotune train` does it): a
+    // sidecar of another size would train with another global batch than the config says.
+    const d = this.config.distributed;
+    const group = sidecar.info?.distributed ?? null;
+    if (d && (group?.worldSize ?? 1) !== d.nprocPerNode * (d.nnodes ?? 1)) {
+      throw new ConfigError("Trainer options", [
+        {
+          path: "distributed",
+          message: `asks for ${d.nprocPerNode * (d.nnodes ?? 1)} ranks (nprocPerNode ${d.nprocPerNode} x nnodes ${d.nnodes ?? 1}) but the sidecar ${group ? `is a group of ${group.worldSize}` : "is one process"}; start it with Sidecar.start({ distributed })`,
+        },
+      ]);
+    }
   }
 
   /** The active mask policy (null with AdamW). */

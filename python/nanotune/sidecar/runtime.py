@@ -94,7 +94,8 @@ class Runtime:
         # A sidecar group's rank 0 (nanotune.distributed.Group), or None: one process.
         self.group = group
         self.state.group = group
-        self.client: Any = None  # the routing id of the last caller: where rank:lost goes
+        self.clients: dict[Any, None] = {}  # routing ids of recent callers (oldest first): where rank:lost goes
+        self.lost_told = False  # rank:lost was sent
         self.followers_released = threading.Event()  # the other ranks were told to exit
         self.started = time.monotonic()
         self.served = 0
@@ -196,6 +197,8 @@ class Runtime:
                 if self._parent_gone():
                     log.warning("parent process is gone; exiting")
                     self.stopping = True
+        if self.group is not None:  # torchrun's SIGTERM may have come first, for a rank that died
+            self._check_ranks()
         self._drain_pull()
 
     def _check_ranks(self) -> bool:
@@ -204,13 +207,14 @@ class Runtime:
         from ..distributed import lost_local_rank
 
         lost = lost_local_rank(self.group)
-        if lost is None or self.stopping:
+        if lost is None or self.lost_told:
             return lost is not None
         log.error("rank %d (pid %d on %s) is gone; the sidecar group stops", lost["rank"], lost["pid"], lost["host"])
-        if self.client is not None:
-            self.send_event(self.client, "rank:lost", wire.RankLost(
-                rank=lost["rank"], host=lost["host"], pid=lost["pid"],
-                reason=f"rank {lost['rank']}'s process (pid {lost['pid']}) is gone"))
+        event = wire.RankLost(rank=lost["rank"], host=lost["host"], pid=lost["pid"],
+                              reason=f"rank {lost['rank']}'s process (pid {lost['pid']}) is gone")
+        for identity in list(self.clients):  # every recent caller: the client's heartbeat socket may be another
+            self.send_event(identity, "rank:lost", event)
+        self.lost_told = True
         self.stopping = True
         return True
 
@@ -289,7 +293,10 @@ class Runtime:
             return
         else:  # maybe a method of a module the warm-up has yet to load: decoded then
             raw = bytes(req.params)
-        self.client = identity
+        self.clients.pop(identity, None)
+        self.clients[identity] = None
+        while len(self.clients) > 16:
+            del self.clients[next(iter(self.clients))]
         ctx = Context(self.state, req.id, name, frames, functools.partial(self.send_event, identity), self)
         if dispatch.thread_of(name) == "io" and name in dispatch.METHODS:
             try:
