@@ -168,39 +168,6 @@ def settle(group: Group, method: str, outcomes: list[Outcome], error: BaseExcept
                          e.get("data") if isinstance(e.get("data"), dict) else {"rank": first.rank})
 
 
-def follow(group: Group, parent_pid: int | None) -> None:
-    """A rank other than 0: runs each lockstep call rank 0 broadcasts, until told to
-    stop (Note [lockstep calls]); exits with the parent or when rank 0 is gone."""
-    import importlib
-
-    from .sidecar import dispatch
-    from .sidecar.dispatch import Context, State
-    from .sidecar.runtime import HANDLER_MODULES, method_modules
-
-    watch_parent(parent_pid)
-    for name in (*HANDLER_MODULES, *method_modules()):
-        importlib.import_module(name)
-    import torch
-
-    from .models import default_dtype
-
-    state = State(device=group.device, dtype=str(default_dtype(torch.device(group.device))).removeprefix("torch."))
-    state.group = group
-    while True:
-        cmd = group.broadcast()
-        if cmd[0] == "shutdown":
-            return
-        _, method, params = cmd
-        ctx = Context(state, 0, method, [], lambda name, data: None, None)
-        error = None
-        try:
-            group.refuse_if_diverged(method)
-            dispatch.METHODS[method].fn(ctx, params)
-        except Exception as e:  # noqa: BLE001  reported through agree(), like rank 0's
-            error = e
-        settle(group, method, group.agree(error), error)
-
-
 def describe(e: BaseException) -> dict[str, Any]:
     from .errors import NanotuneError
 

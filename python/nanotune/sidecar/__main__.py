@@ -21,9 +21,10 @@ import shutil
 import sys
 import tempfile
 
-from ..distributed import follow, launched_by_torchrun
 from ..distributed import from_env as join_group
-from .runtime import main
+from ..distributed import launched_by_torchrun
+from .follower import follow
+from .runtime import HANDLER_MODULES, main, method_modules
 from .transport import CurveKeys
 
 ap = argparse.ArgumentParser(prog="python -m nanotune.sidecar", description=__doc__.split("\n\n")[0])
@@ -44,7 +45,7 @@ if launched_by_torchrun():
     except Exception as e:  # noqa: BLE001  one line, not a traceback, for the client's SIDECAR_CRASHED
         sys.exit(f"nanotune.sidecar (rank {os.environ.get('RANK')}): could not join the torchrun group: {e}")
     if group.rank != 0:
-        follow(group, args.parent_pid)
+        follow(group, args.parent_pid, [*HANDLER_MODULES, *method_modules()])
         sys.stderr.flush()
         os._exit(0)
 
