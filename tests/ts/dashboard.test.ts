@@ -4,7 +4,7 @@
 // exactly the effect of the Trainer's own calls (policy swap, pause/resume, stop-and-save).
 // Every request without the URL's token gets 403. No fixed sleeps: the run is held by
 // pause while the page connects, and every wait is for a condition.
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { createServer, request } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -18,6 +18,7 @@ import { type DashboardSink, policies, sinks, Trainer, type TrainerEvent } from 
 // @ts-expect-error plain ESM helper without types
 import { repoRoot } from "../../ts/dev/python.mjs";
 import { cacheEnv, collect, startTinyRun, stopTinyRun, type TinyRun } from "./fixtures/tiny-run.ts";
+import { runProcess } from "./fixtures/run.ts";
 
 let run: TinyRun;
 let browser: Browser;
@@ -321,7 +322,7 @@ describe("nanotune train --dashboard", () => {
         [["--dashboard", "--port", "http"], "train: --port must be an integer in 0..65535, got 'http'"],
         [["--dashboard", "--port", String(port)], `dashboard: cannot listen on 127.0.0.1:${port}: the address is in use`],
       ] as const) {
-        const r = spawnSync(process.execPath, argv(["train", config, ...args]), { cwd: cfgDir(), env: env(), encoding: "utf8" });
+        const r = await runProcess(process.execPath, argv(["train", config, ...args]), { cwd: cfgDir(), env: env() });
         expect([args, r.status, r.stderr.trim()]).toEqual([args, 2, `nanotune: ${message}`]);
       }
     } finally {

@@ -2,7 +2,6 @@
 // adapter in PEFT's format; peft.PeftModel.from_pretrained loads it onto the base and
 // greedy-generates what the sidecar generates, and so does `nanotune export --merge`'s
 // plain HF directory (docs/lora.md).
-import { spawnSync } from "node:child_process";
 import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { isAbsolute, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
@@ -47,6 +46,7 @@ print(json.dumps({"peft": gen(peft_model), "base": gen(base_model),
                   "logitShift": float((logits(peft_model) - logits(base_model)).abs().max()),
                   "loraTensors": sum(1 for n, _ in peft_model.named_parameters() if "lora_" in n)}))
 `;
+import { runProcess } from "./fixtures/run.ts";
 
 describe("LoRA (model.lora)", () => {
   it("a LoRA+NanoAdam run saves an adapter that PeftModel.from_pretrained loads and that generates the sidecar's tokens; export --merge too; resume continues it", async () => {
@@ -118,9 +118,8 @@ describe("LoRA (model.lora)", () => {
       log.mockRestore();
     }
 
-    const r = spawnSync(pythonExecutable(), ["-c", GENERATE_PY, base, modelDir, merged, PROMPT], {
+    const r = await runProcess(pythonExecutable(), ["-c", GENERATE_PY, base, modelDir, merged, PROMPT], {
       cwd: repoRoot,
-      encoding: "utf8",
       env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
     });
     expect(r.status, r.stderr).toBe(0);

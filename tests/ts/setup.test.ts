@@ -1,6 +1,5 @@
 // The development setup (.venv made by ts/dev/setup.mjs) and how the sidecar's
 // Python is found (ts/paths.ts), which `npx nanotune setup` shares.
-import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -8,12 +7,12 @@ import { describe, expect, it } from "vitest";
 import { DEFAULT_TORCH, findPython, managedEnv, noPythonMessage, packageRoot, packageVersion, setupStamp } from "../../ts/paths.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
+import { runProcess } from "./fixtures/run.ts";
 
 describe("setup", () => {
-  it("leaves a Python that imports the sidecar package and torch", () => {
-    const r = spawnSync(pythonExecutable(), ["-c", "import nanotune, torch; print(torch.__version__)"], {
+  it("leaves a Python that imports the sidecar package and torch", async () => {
+    const r = await runProcess(pythonExecutable(), ["-c", "import nanotune, torch; print(torch.__version__)"], {
       cwd: repoRoot,
-      encoding: "utf8",
     });
     expect(r.stderr).toBe("");
     expect(r.status).toBe(0);

@@ -2,7 +2,6 @@
 // backend in a temp dir, one server for the file), read back with MLflow's own Python client:
 // params, full metric histories, tags and the run's status, a server that stops answering
 // mid-run (the sink fails once, training completes), and the non-FINISHED statuses.
-import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { policies, schedules, type Sidecar, type Sink, sinks, Trainer, type TrainerEvent } from "../../ts/index.ts";
@@ -12,6 +11,7 @@ import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
 import { expectedScalars } from "./fixtures/scalars.ts";
 import { type MlflowServer, startMlflowServer, waitFor } from "./fixtures/servers.ts";
 import { collect, startTinyRun, steps, stopTinyRun, sinkRunConfig } from "./fixtures/tiny-run.ts";
+import { runProcess } from "./fixtures/run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -45,7 +45,7 @@ interface ReadRun {
 }
 
 /** The runs named `names` in EXPERIMENT, read with MLflow's Python client. */
-function readRuns(...names: string[]): Record<string, ReadRun> {
+async function readRuns(...names: string[]): Promise<Record<string, ReadRun>> {
   const script = `
 import json, sys
 from mlflow.tracking import MlflowClient
@@ -61,7 +61,7 @@ for name in sys.argv[3:]:
                  "params": r.data.params, "tags": r.data.tags, "metrics": hist}
 print(json.dumps(out))
 `;
-  const r = spawnSync(pythonExecutable(), ["-c", script, url, EXPERIMENT, ...names], { cwd: repoRoot, encoding: "utf8", timeout: 120_000 });
+  const r = await runProcess(pythonExecutable(), ["-c", script, url, EXPERIMENT, ...names], { cwd: repoRoot, timeout: 120_000 });
   expect(r.status, r.stderr).toBe(0);
   return JSON.parse(r.stdout) as Record<string, ReadRun>;
 }
@@ -110,7 +110,7 @@ describe("sinks.mlflow", () => {
     expect(sinkErrors(events)).toEqual([]);
     expect(events.at(-1)).toMatchObject({ type: "run:end", reason: "completed", step: 6 });
 
-    const run = readRuns("full").full!;
+    const run = (await readRuns("full")).full!;
     expect(run.count).toBe(1);
     expect(run.info.status).toBe("FINISHED");
     expect(run.info.start_time).toBeGreaterThanOrEqual(t0);
@@ -184,7 +184,7 @@ describe("sinks.mlflow", () => {
     expect(nonFinite.at(-1)).toMatchObject({ type: "run:end", reason: "non-finite" });
 
     for (const evs of [interrupted, nonFinite]) expect(sinkErrors(evs)).toEqual([]);
-    const runs = readRuns("interrupted", "non-finite");
+    const runs = await readRuns("interrupted", "non-finite");
     const killed = runs.interrupted!;
     expect(killed.count).toBe(1);
     expect(killed.info.status).toBe("KILLED");
@@ -248,7 +248,7 @@ describe("sinks.mlflow", () => {
     // After the failure the sink sent nothing more, not even at close() with the server back:
     // the run is still RUNNING, and what it holds is a prefix of the events (the server may
     // also take the batch that timed out, which it received before it stopped).
-    const run = readRuns("hang").hang!;
+    const run = (await readRuns("hang")).hang!;
     expect(run.info.status).toBe("RUNNING");
     expect(run.info.end_time).toBeNull();
     const loss = withoutTime(run.metrics)["train/loss"]!;

@@ -1,6 +1,5 @@
 // Sinks against a real Trainer and sidecar (tiny Llama): buffered sinks that neither
 // block nor kill training, and sinks.tensorboard read back by TensorBoard's own reader.
-import { spawnSync } from "node:child_process";
 import { readdirSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -9,6 +8,7 @@ import { policies, Sidecar, type Sink, sinks, Trainer, type TrainerEvent } from 
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
 import { expectedScalars } from "./fixtures/scalars.ts";
 import { cacheEnv, startTinyRun, stopTinyRun, sinkRunConfig } from "./fixtures/tiny-run.ts";
+import { runProcess } from "./fixtures/run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -131,7 +131,7 @@ for t in tags["tensors"]:
 out["plugins"] = {t: m.plugin_data.plugin_name for t, m in ea.summary_metadata.items()}
 print(json.dumps(out))
 `;
-    const r = spawnSync(pythonExecutable(), ["-c", script, logdir], { cwd: repoRoot, encoding: "utf8", env: { ...process.env, ...env() } });
+    const r = await runProcess(pythonExecutable(), ["-c", script, logdir], { cwd: repoRoot, env: { ...process.env, ...env() } });
     expect(r.status, r.stderr).toBe(0);
     const read = JSON.parse(r.stdout) as { scalars: Record<string, [number, number][]>; text: Record<string, [number, string][]>; plugins: Record<string, string> };
 

@@ -1,5 +1,4 @@
 // The Trainer against a real sidecar on the tiny Llama preset (issue 4's acceptance).
-import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,6 +7,7 @@ import { main as cli } from "../../ts/cli/index.ts";
 // @ts-expect-error plain ESM helper without types
 import { pythonExecutable, repoRoot } from "../../ts/dev/python.mjs";
 import { cacheEnv, collect, startTinyRun, steps, stopTinyRun } from "./fixtures/tiny-run.ts";
+import { runProcess } from "./fixtures/run.ts";
 
 let dir: string;
 let sc: Sidecar;
@@ -18,9 +18,8 @@ beforeAll(async () => ({ dir, dataPath, sc } = await startTinyRun("nanotune-trai
 afterAll(() => stopTinyRun({ dir, sc }));
 
 function python(args: string[], extraEnv: Record<string, string> = {}) {
-  return spawnSync(pythonExecutable(), args, {
+  return runProcess(pythonExecutable(), args, {
     cwd: repoRoot,
-    encoding: "utf8",
     env: { ...process.env, ...env(), ...extraEnv, PYTHONPATH: join(repoRoot, "python") },
   });
 }
@@ -49,7 +48,7 @@ describe("Trainer", () => {
     };
     const ts = steps(await collect(new Trainer({ sidecar: sc, ...config })));
     // The replay re-implements nothing: it reads runDir's config.json and metrics.jsonl.
-    const r = python(["-m", "nanotune.plainloop", runDir]);
+    const r = await python(["-m", "nanotune.plainloop", runDir]);
     expect(r.status, r.stderr).toBe(0);
     const py = JSON.parse(r.stdout) as { step: number; loss: number; mask_refreshed: boolean; lr: number; density: number | null }[];
     expect(py).toHaveLength(50);
@@ -122,7 +121,7 @@ describe("Trainer", () => {
     expect(JSON.parse(readFileSync(join(runDir, "config.json"), "utf8")).steps).toBe(6);
     const saved = events.filter((e) => e.type === "checkpoint:saved").at(-1);
     const modelDir = join(saved!.type === "checkpoint:saved" ? saved!.path : "", "model");
-    const r = python([
+    const r = await python([
       "-c",
       "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n" +
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n" +
