@@ -193,6 +193,8 @@ export type MethodName = keyof typeof methods;
 /** Unsolicited events `{event, data}`: name -> data schema. */
 export const events = {
   "debug:tick": z.strictObject({ iteration: uint(), elapsedS: z.number() }),
+  /** generate with stream: each new piece of text, in order (index from 0), for the call `id`. */
+  "generate:token": z.strictObject({ id: uint(), index: uint(), text: z.string() }),
   /** A rank of a sidecar group died; rank 0 sends this, then the whole group goes down. */
   "rank:lost": z.strictObject({
     rank: uint(),

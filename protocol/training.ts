@@ -101,10 +101,12 @@ const MaskResult = z.strictObject({ tensors: uint(), frozen: uint() }).meta({ ti
 export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   load_model: {
     thread: "compute",
-    description: "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run (a new session generation).",
+    description: "Loads a preset (tiny-llama, small-llama), a local HF directory or a Hub id (through the HF cache, as from_pretrained); starts a new run (a new session generation).",
     params: z.strictObject({
-      path: z.string().min(1).describe("a local HF model directory or a preset name"),
-      dtype: z.enum(["float32", "bfloat16", "float16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU"),
+      path: z.string().min(1).describe("a preset name, a local HF model directory, or a Hub model id (\"org/name\") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE"),
+      revision: z.string().min(1).optional().describe("a Hub id's branch, tag or commit (default main)"),
+      dtype: z.enum(["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU; short and long names alike"),
+      amp: z.enum(["bfloat16", "float16", "bf16", "fp16"]).optional().describe("mixed precision: forward and backward under torch.autocast to this dtype, the weights and optimizer staying in theirs (meant for fp32 weights); absent: none"),
       device: z.string().optional().describe("\"auto\" or absent: the device the sidecar started on; \"cpu\", \"cuda\", \"cuda:1\""),
       gradientCheckpointing: z.boolean().optional(),
       seed: int().optional().describe("init seed of a preset (0: the shared cached build)"),
@@ -121,6 +123,8 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       tied: z.array(z.array(z.string())).describe("groups of names sharing one tensor"),
       paramBytes: uint(),
       modelType: z.string(),
+      revision: z.string().nullable().optional().describe("the Hub commit the model came from; null: a preset or a local directory"),
+      amp: z.string().nullable().optional().describe("the autocast dtype; null: none"),
       lora: LoraConfig.nullable().optional().describe("the adapter as built, defaults filled in; null: no adapter"),
       generation: uint().describe("the new session generation: later calls of this run carry it"),
       parallel: z.string().nullable().optional().describe("ddp or fsdp in a sidecar group; null: one process"),
@@ -129,11 +133,28 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
   },
   load_dataset: {
     thread: "compute",
-    description: "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation.",
+    description: "Reads and tokenizes a dataset (local JSON/JSONL/CSV/parquet, a save_to_disk folder, or a Hub dataset) of text, instructions or chats, for training and evaluation.",
     params: z.strictObject({
       generation: generation(),
-      path: z.string().min(1),
+      path: z.string().min(1).describe("a local .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder, or a Hub dataset id (through the datasets library and its cache)"),
+      split: z.string().min(1).optional().describe("the split of a save_to_disk DatasetDict or a Hub dataset (default train)"),
+      config: z.string().min(1).optional().describe("a Hub dataset's configuration name"),
+      revision: z.string().min(1).optional().describe("a Hub dataset's branch, tag or commit"),
+      fields: z
+        .strictObject({
+          instruction: z.string().min(1).optional(),
+          input: z.string().min(1).optional(),
+          output: z.string().min(1).optional(),
+          text: z.string().min(1).optional(),
+          messages: z.string().min(1).optional(),
+        })
+        .meta({ title: "FieldMap" })
+        .optional()
+        .describe("the dataset's column for each of our fields, e.g. {instruction: \"question\", output: \"answer\"}"),
       format: z.enum(["auto", "text", "instruction", "alpaca", "commonsense", "chat"]).optional(),
+      template: z.string().min(1).optional().describe("how instruction rows become prompts: alpaca (default), chat (the tokenizer's chat template), raw, or a format string with {instruction} and {input}"),
+      packing: z.boolean().optional().describe("text rows: concatenate documents and cut full cutoff-length blocks, no padding; attention and loss never cross a document boundary"),
+      streaming: z.boolean().optional().describe("read the file as training goes, memory bounded (default: for local files over 64 MiB)"),
       cutoff: int().min(2).optional().describe("most tokens per example (default 256)"),
       trainOnInputs: z.boolean().optional().describe("false (default): loss on responses only"),
       seed: int().optional(),
@@ -149,6 +170,9 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
       tokens: uint(),
       truncated: uint(),
       dropped: uint(),
+      template: z.string().nullable().optional().describe("the template instruction rows were rendered with; null: none (text, chat rows)"),
+      packed: z.boolean().optional(),
+      streaming: z.boolean().optional().describe("read as training goes: the counts cover what was read so far"),
     }),
   },
   create_optimizer: {
@@ -247,12 +271,21 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
     params: z.strictObject({
       generation: generation(),
       prompt: z.union([z.string(), z.array(z.strictObject({ role: z.string(), content: z.string() }).meta({ title: "ChatMessage" }))]),
+      template: z.string().min(1).optional().describe("a string prompt is the instruction of this template (alpaca, chat, raw, or a format string); default raw: the prompt as it is"),
+      input: z.string().optional().describe("the template's {input}"),
       maxNewTokens: int().min(1).optional(),
       temperature: z.number().gte(0).optional(),
       topP: z.number().gt(0).lte(1).optional(),
       seed: int().optional(),
+      stop: z.array(z.string().min(1)).optional().describe("end the text before the first of these strings"),
+      stream: z.boolean().optional().describe("send each new piece of text as a generate:token event while generating"),
     }),
-    result: z.strictObject({ text: z.string() }),
+    result: z.strictObject({
+      text: z.string(),
+      tokens: uint().optional().describe("new tokens generated"),
+      finishReason: z.enum(["length", "eos", "stop"]).optional(),
+      prompt: z.string().optional().describe("the prompt as rendered by the template"),
+    }),
   },
   save_checkpoint: {
     thread: "compute",

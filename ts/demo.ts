@@ -117,25 +117,23 @@ export async function runDemo(opts: { runDir?: string; steps?: number; progress?
     const base = join(runDir, "stage1", "checkpoints", `step-${String(steps).padStart(6, "0")}`, "model");
 
     say(chalk.bold("\n2. finetune it on 'double' with NanoAdam (k=10%), swapping smallWeights -> random halfway"));
-    await stage(
-      "double (NanoAdam)",
-      new Trainer({
-        sidecar,
-        model: base,
-        data: { path: files.double!, evalFraction: 0.1, cutoff: 64 },
-        optimizer: { name: "nanoadam", density: 0.1 },
-        steps,
-        microBatch: 8,
-        lr: schedules.constant(1e-2),
-        maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 50 }),
-        evalEvery: steps,
-        runDir: join(runDir, "stage2"),
-        overwrite: true,
-        progress: opts.progress,
-      }),
-      { step: Math.floor(steps / 2) - 1, policy: () => policies.random({ density: 0.1, maskInterval: 50 }) },
-    );
-    const sample = await sidecar.call("generate", { prompt: "### Instruction:\nDouble 21.\n\n### Response:\n", maxNewTokens: 8 });
+    const double = new Trainer({
+      sidecar,
+      model: base,
+      data: { path: files.double!, evalFraction: 0.1, cutoff: 64 },
+      optimizer: { name: "nanoadam", density: 0.1 },
+      steps,
+      microBatch: 8,
+      lr: schedules.constant(1e-2),
+      maskPolicy: policies.smallWeights({ density: 0.1, maskInterval: 50 }),
+      evalEvery: steps,
+      runDir: join(runDir, "stage2"),
+      overwrite: true,
+      progress: opts.progress,
+    });
+    await stage("double (NanoAdam)", double, { step: Math.floor(steps / 2) - 1, policy: () => policies.random({ density: 0.1, maskInterval: 50 }) });
+    // Asked the way it was trained: the instruction under the run's template (alpaca).
+    const sample = await double.generate("Double 21.", { maxNewTokens: 8 });
     say(`\nsample after finetuning: "Double 21." -> ${JSON.stringify(sample.text.trim())} (expected "42"; the model has 125k parameters)`);
   } finally {
     await sidecar.close();

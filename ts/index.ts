@@ -15,7 +15,19 @@ export {
 export { NanotuneError, SidecarError, ConfigError, ErrorCode, errorCodes, isUserError, type NanotuneErrorOptions, type SidecarErrorOptions } from "./errors.ts";
 export { Tensor, type DType, type TypedArrayOf } from "./tensor.ts";
 export { PROTOCOL_VERSION, type MethodName, type EventName } from "../protocol/schema.ts";
-export { Trainer, type TrainerInit, type RunOptions } from "./train/trainer.ts";
+export { Trainer, type TrainerInit, type RunOptions, type GenerateOptions, type Generation } from "./train/trainer.ts";
+export {
+  templates,
+  renderTemplate,
+  checkTemplate,
+  renderedBySidecar,
+  TEMPLATE_NAMES,
+  ALPACA_PROMPT,
+  ALPACA_PROMPT_NO_INPUT,
+  type Template,
+  type TemplateName,
+  type TemplateFields,
+} from "./templates.ts";
 export type { TrainerEvent, TrainerEventType, RunEndReason, PolicyState, NonFiniteStep } from "./train/events.ts";
 export { parseConfig, type TrainerOptions, type ResolvedTrainerConfig, type ScheduleJSON, type PolicyJSON } from "./train/config.ts";
 export { schedules, type Schedule, type ScheduleLike, type ScheduleSpec } from "./train/schedules.ts";

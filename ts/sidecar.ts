@@ -118,6 +118,8 @@ export interface CallOptions {
   timeoutMs?: number;
   /** Aborting cancels the call in the sidecar; the promise rejects with CANCELLED once the sidecar stopped it. */
   signal?: AbortSignal;
+  /** Called with the call's request id once it has one, before it is sent: the events that carry it (generate:token's `id`) are this call's. */
+  onRequestId?: (id: number) => void;
 }
 
 const STDERR_LINES = 40; // kept for SIDECAR_CRASHED
@@ -476,6 +478,7 @@ export class Sidecar {
     let parts: Uint8Array[];
     try {
       parts = this.prepare(id, method, params);
+      options.onRequestId?.(id);
     } catch (e) {
       return Promise.reject(e);
     }

@@ -1,9 +1,10 @@
-"""Loading causal LMs for the sidecar: a local Hugging Face directory, or a preset
-built offline (random init + a byte-level BPE tokenizer trained on a built-in
-corpus) and cached on disk.
+"""Loading causal LMs for the sidecar: a preset built offline (random init + a
+byte-level BPE tokenizer trained on a built-in corpus) and cached on disk, a local
+Hugging Face directory, or a Hub model id resolved through the Hugging Face cache
+as from_pretrained does (Note [hub ids]).
 
-    lm = load_model("tiny-llama")            # or "/models/Llama-3.2-3B"
-    lm.model, lm.tokenizer, lm.device, lm.dtype, lm.info
+    lm = load_model("tiny-llama")            # or "/models/Llama-3.2-3B", or "HuggingFaceTB/SmolLM2-135M"
+    lm.model, lm.tokenizer, lm.device, lm.dtype, lm.amp, lm.revision, lm.info
 
 Presets are built once into $NANOTUNE_CACHE (default ~/.cache/nanotune) as a
 normal HF directory, so they load through the same code path as real models.
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -28,8 +30,9 @@ import torch
 
 from .errors import InvalidParams
 
-__all__ = ["LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "load_model", "build_preset",
-           "cache_dir", "default_dtype", "is_peft_model", "model_info", "resolve_device", "resolve_dtype"]
+__all__ = ["LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "amp_dtype", "load_model",
+           "build_preset", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
+           "looks_like_hub_id", "model_info", "resolve_amp", "resolve_device", "resolve_dtype", "resolve_hub_model"]
 
 
 class ModelError(InvalidParams):
@@ -46,9 +49,11 @@ class LoadedModel:
     tokenizer: Any  # a transformers fast tokenizer with bos/eos/pad set
     device: torch.device
     dtype: torch.dtype
-    path: str  # the HF directory it was loaded from (the cache dir for presets)
+    path: str  # the HF directory it was loaded from (the cache dir for presets, the snapshot for Hub ids)
     info: dict[str, Any] = field(default_factory=dict)  # see model_info()
     lora: dict[str, Any] | None = None  # the adapter's settings (LORA_DEFAULTS filled in) when wrapped by add_lora
+    amp: torch.dtype | None = None  # the autocast dtype of train_step/evaluate (Note [amp]); None: none
+    revision: str | None = None  # the Hub commit a Hub id resolved to; None: a preset or a local directory
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +146,66 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ModelError(f"dtype: {dtype!r} is not one of {sorted(_DTYPES)}", field="dtype")
+
+
+# Note [amp]: `amp` ("bf16"/"bfloat16", "fp16"/"float16") is mixed precision the
+# torch.autocast way: the weights, their gradients and the optimizer state stay in the
+# weights' dtype (fp32), and train_step and evaluate run the forward and the loss under
+# torch.autocast(device.type, amp), so matmuls run in the low precision while
+# reductions and the loss stay fp32 (backward follows the forward's dtypes by itself).
+# Choices:
+# - amp is for fp32 weights. With amp and no dtype the weights load in fp32 on every
+#   device (not the CUDA default bf16): asking for amp means asking for fp32 master
+#   weights. amp with an explicit dtype other than fp32 is an error (INVALID_PARAMS,
+#   field "amp"), not a silent no-op: autocast over bf16 weights changes nothing, and
+#   the two settings contradict each other, so the caller learns which one they meant.
+# - The setting lives on the model (attribute AMP_ATTR, read by amp_dtype()), so every
+#   caller of training.train_step/evaluate (the Session, plainloop, benchmarks) gets it
+#   without passing it along, and it goes with the model object it was loaded for.
+#   generate does not autocast: greedy/sampled decoding of fp32 weights is exact as is.
+# - Whether autocast supports (device, dtype) is asked of torch at load time: torch
+#   2.13's CPU autocast does bf16 and fp16; CUDA bf16 needs an Ampere or newer GPU. An
+#   unsupported pair is an INVALID_PARAMS error naming both (torch would only warn and
+#   run in fp32).
+# - fp16 runs without loss scaling (no GradScaler): NanoAdam's sparse gradients and the
+#   NON_FINITE refusal of a step (training.py) would both have to learn about a scale.
+#   Gradients below fp16's range (~6e-8) flush to zero; prefer bf16, which has fp32's
+#   range, wherever the hardware has it.
+AMP_ATTR = "nanotune_amp"
+
+
+def amp_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The autocast dtype load_model gave `model` (Note [amp]); None: none."""
+    return getattr(model, AMP_ATTR, None)
+
+
+def resolve_amp(amp: str | torch.dtype | None, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype for `amp` on `device` over weights of dtype `weights`, checked
+    (Note [amp]); None when amp is None."""
+    if amp is None:
+        return None
+    dt = amp if isinstance(amp, torch.dtype) else _DTYPES.get(amp.lower()) if isinstance(amp, str) else None
+    if dt not in (torch.bfloat16, torch.float16):
+        raise ModelError(f"amp: {amp!r} is not 'bf16'/'bfloat16' or 'fp16'/'float16'", field="amp")
+    name = str(dt).removeprefix("torch.")
+    if weights != torch.float32:
+        raise ModelError(f"amp: {name} autocast is for fp32 weights, and dtype asks for "
+                         f"{str(weights).removeprefix('torch.')} weights, which already compute in that precision; "
+                         f"drop amp to train in {str(weights).removeprefix('torch.')}, or give dtype 'fp32' (or no "
+                         "dtype) to keep fp32 weights and autocast the forward", field="amp")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ctx = torch.autocast(device_type=device.type, dtype=dt)
+        unsupported = any("autocast" in str(w.message).lower() for w in caught) or not getattr(ctx, "_enabled", True)
+        why = "; ".join(str(w.message).splitlines()[0] for w in caught)
+    except (RuntimeError, ValueError) as e:  # CUDA bf16 on a GPU without it, an unknown device type
+        unsupported, why = True, str(e)
+    if unsupported:
+        other = "fp16" if dt == torch.bfloat16 else "bf16"
+        raise ModelError(f"amp: torch {torch.__version__} cannot autocast to {name} on {device}"
+                         f"{f' ({why})' if why else ''}; use amp {other!r}, or no amp", field="amp")
+    return dt
 
 
 # ---------------------------------------------------------------------------
@@ -268,6 +333,194 @@ def _check_hf_dir(path: Path) -> None:
         raise ModelError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json)", path)
 
 
+def _check_causal_lm(path: Path, label: str, name: str | os.PathLike) -> None:
+    """Refuses a config that is not a causal LM before any weights load: AutoModelForCausalLM
+    would otherwise put an LM head on some encoders (BERT becomes BertLMHeadModel with
+    bidirectional attention, which would learn to copy the next token, not predict it).
+    `architectures` decides when the config lists them, else `model_type`; a config that
+    cannot be read, or a model_type this transformers does not know, is left to
+    from_pretrained's own error. `name` goes in the error's data.path (the Hub id, or the directory)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(cfg, dict):
+        return
+    causal: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update((v,) if isinstance(v, str) else v)
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    model_type = cfg.get("model_type")
+    if archs:
+        if any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return
+        what = f"architecture {', '.join(archs)}" + (f" (model_type {model_type!r})" if model_type else "")
+    elif model_type in CONFIG_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        what = f"model_type {model_type!r}"
+    else:
+        return
+    raise ModelError(f"{label} is not a causal LM: its config.json names {what}, which has no causal language "
+                     "modelling head (nanotune finetunes *ForCausalLM models: decoders such as Llama, Qwen, "
+                     "SmolLM, GPT-2); give a causal LM", name)
+
+
+# ---------------------------------------------------------------------------
+# Hub ids. Note [hub ids]: a `model` that is neither a preset nor an existing directory,
+# and reads as a Hub repo id ("org/name" or "name", huggingface_hub's validate_repo_id),
+# is resolved as from_pretrained resolves it: huggingface_hub.snapshot_download into the
+# HF cache, honouring revision (branch, tag or commit; default main), the token
+# (HF_TOKEN, else `hf auth login`'s), HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE: only the
+# cache, nothing downloaded) and HF_ENDPOINT; then the snapshot directory
+# (<cache>/models--org--name/snapshots/<commit>) loads like any local directory, so
+# LoadedModel.path is that directory and `revision` its commit. Choices:
+# - The environment is read at each call (hub_cache_dir, hub_offline), not at import as
+#   huggingface_hub's constants are, so HF_HOME/HF_HUB_CACHE/HF_ENDPOINT, and turning
+#   HF_HUB_OFFLINE on, set after the sidecar imported transformers (tests, a Python
+#   caller) still count: the cache and endpoint are passed to snapshot_download, offline
+#   becomes local_files_only. Turning HF_HUB_OFFLINE off after import does not: the
+#   HTTP layer of huggingface_hub keeps the value it read and refuses every request.
+# - What is fetched is what from_pretrained reads: the top-level *.json (config,
+#   generation config, tokenizer files, the shard index), *.safetensors, the tokenizer's
+#   own files (tokenizer.model, *.tiktoken, merges/vocab *.txt, chat template *.jinja);
+#   never subfolders (original/, onnx/: other formats of the same weights) nor Mistral's
+#   consolidated*.safetensors. Only a repo without safetensors gets its
+#   pytorch_model*.bin, in a second call pinned to the commit the first one resolved.
+# - Offline, a cached snapshot is taken as it is: a hand-copied cache (plain files or
+#   blob symlinks under snapshots/, refs/<branch> holding the commit) works.
+# - Errors are ModelError (INVALID_PARAMS, data.path the id; field "revision" when the
+#   revision is what is wrong), each naming the id, the revision and the cache looked
+#   in, and the fix: not cached while offline (download it: `hf download`, or point
+#   HF_HOME at a cache that has it), the Hub unreachable and not cached (network, or
+#   HF_HUB_OFFLINE=1 with a cache), gated (accept the license, set HF_TOKEN), no such
+#   repo (spelling, or a private repo's token), no such revision. A config that is not a
+#   causal LM is refused before the weights load (_check_causal_lm).
+# - Checkpoints need nothing new: a checkpoint keeps its own weights (and a LoRA
+#   adapter's base is recorded as the absolute snapshot directory), and resuming loads
+#   the same id first, which resolves to the same snapshot offline.
+_HUB_ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+_HUB_IGNORE = ["*/*", "consolidated*"]  # fnmatch's * crosses "/": "*/*" is every file in a subfolder
+_HUB_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub computes it, from the environment
+    now: $HF_HUB_CACHE, else (legacy) $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) is set true now."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return (value or "").strip().lower() in _TRUE if value is not None else bool(constants.HF_HUB_OFFLINE)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id ("org/name" or "name"): not a path spelling
+    ("/...", "./...", "~/...", backslashes, two slashes) and valid for huggingface_hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_download_hint(repo_id: str, revision: str | None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    py = f", revision={revision!r}" if revision else ""
+    return (f"`hf download {repo_id}{rev}` (huggingface_hub's CLI; `huggingface-cli download` in older releases) "
+            f"or `python -c \"import huggingface_hub; huggingface_hub.snapshot_download({repo_id!r}{py})\"`")
+
+
+def resolve_hub_model(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """The snapshot directory and commit of Hub model `repo_id` at `revision` (None: main),
+    from the HF cache, downloading what is missing unless offline (Note [hub ids])."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    cache, offline = hub_cache_dir(), hub_offline()
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    rev = revision or "main"
+    where = f"model {repo_id!r} (revision {rev!r})"
+    not_local = f"{repo_id!r} is not a preset ({', '.join(sorted(PRESETS))}) nor a local directory, so it was taken " \
+                "as a Hub id"
+    kwargs: dict[str, Any] = dict(cache_dir=cache, local_files_only=offline, endpoint=endpoint,
+                                  library_name="nanotune", ignore_patterns=_HUB_IGNORE)
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_ALLOW, **kwargs))
+        if not offline and not any(snapshot.glob("*.safetensors")):  # an older repo: PyTorch pickles only
+            snapshot = Path(snapshot_download(repo_id, revision=snapshot.name, allow_patterns=_HUB_BIN, **kwargs))
+    except GatedRepoError as e:
+        raise ModelError(f"{where} is a gated repository on the Hub and this process may not read it: accept its "
+                         f"license at {endpoint}/{repo_id} while logged in, then give the sidecar a token of that "
+                         f"account (set HF_TOKEN, or run `hf auth login`); cache {str(cache)!r}. The Hub said: "
+                         f"{_first_line(e)}", repo_id) from e
+    except RevisionNotFoundError as e:
+        raise ModelError(f"{where}: the Hub repository has no revision {rev!r} (a branch, tag or commit hash); "
+                         f"check revision (cache {str(cache)!r})", repo_id, "revision") from e
+    except RepositoryNotFoundError as e:
+        raise ModelError(f"{where}: {not_local}, and the Hub ({endpoint}) has no model repository {repo_id!r} that "
+                         f"this process can read: check the spelling, or for a private repository set HF_TOKEN to a "
+                         f"token that can read it (cache {str(cache)!r})", repo_id) from e
+    except IncompleteSnapshotError as e:
+        raise ModelError(f"{where}: the cached snapshot in {str(cache)!r} is incomplete and the Hub cannot be "
+                         f"reached to complete it ({_first_line(e)}); download it again where the Hub can be reached: "
+                         f"{_hub_download_hint(repo_id, revision)}", repo_id) from e
+    except LocalEntryNotFoundError as e:
+        fix = (f"download it where the Hub can be reached: {_hub_download_hint(repo_id, revision)} (with HF_HOME "
+               f"or HF_HUB_CACHE pointing at this cache), or point HF_HOME (or HF_HUB_CACHE) at a cache that has it")
+        if offline:
+            repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+            refs = sorted(str(r.relative_to(repo_dir / "refs")) for r in (repo_dir / "refs").rglob("*") if r.is_file())
+            cached = f"; the cache has {repo_id!r} at {', '.join(refs) or 'no named revision'}" \
+                if repo_dir.is_dir() else ""
+            raise ModelError(f"{where} is not in the Hugging Face cache {str(cache)!r}{cached}, and HF_HUB_OFFLINE is "
+                             f"set, so nothing is downloaded ({not_local}). To fix: {fix}; or unset HF_HUB_OFFLINE to "
+                             "download it", repo_id, "revision" if revision and repo_dir.is_dir() else None) from e
+        cause = e.__cause__ or e.__context__
+        why = f"{type(cause).__name__}: {_first_line(cause)}" if cause is not None else _first_line(e)
+        raise ModelError(f"{where} could not be downloaded: the Hub ({endpoint}) could not be reached ({why}), and "
+                         f"it is not in the Hugging Face cache {str(cache)!r} ({not_local}). To fix: check the "
+                         f"network (or HF_ENDPOINT, proxy settings); or {fix}, and set HF_HUB_OFFLINE=1 to use the "
+                         "cache without asking the Hub", repo_id) from e
+    except HfHubHTTPError as e:  # the Hub is down (5xx), rate limits, 401 on a public repo with a bad token
+        raise ModelError(f"{where}: the Hub ({endpoint}) answered with an error and the model is not in the cache "
+                         f"{str(cache)!r}: {_first_line(e)}; retry later, check HF_TOKEN, or use a cached copy with "
+                         "HF_HUB_OFFLINE=1", repo_id) from e
+    except (OSError, ValueError) as e:  # disk full, permissions, a broken cache entry
+        raise ModelError(f"{where}: could not fetch it into the Hugging Face cache {str(cache)!r}: "
+                         f"{type(e).__name__}: {e}", repo_id) from e
+    return snapshot, snapshot.name
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit of a directory that is a snapshot in a Hugging Face cache
+    (.../models--org--name/snapshots/<40 hex digits>), given by its path; else None."""
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--") \
+            and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return parts[-1]
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def model_info(model: torch.nn.Module) -> dict[str, Any]:
     """Parameter counts, tied tensors (groups of names sharing one tensor, e.g.
     [["model.embed_tokens.weight", "lm_head.weight"]]) and memory in bytes."""
@@ -373,7 +626,7 @@ def add_lora(model: torch.nn.Module, r: int | None = None, alpha: float | None =
 
 
 def _load_adapter_dir(path: Path, dtype, device, default_device, gradient_checkpointing: bool,
-                      lora: dict[str, Any] | None) -> LoadedModel:
+                      lora: dict[str, Any] | None, amp=None) -> LoadedModel:
     """load_model of a saved LoRA adapter directory: the base it names, then the adapter."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -395,7 +648,7 @@ def _load_adapter_dir(path: Path, dtype, device, default_device, gradient_checkp
     if not base:
         raise ModelError(f"adapter config {str(cfg_path)!r} names no base model (base_model_name_or_path)", cfg_path)
     lm = load_model(base, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                    default_device=default_device)
+                    default_device=default_device, amp=amp)  # a Hub id as base resolves too (its main)
     try:
         with peft_quiet():
             model = PeftModel.from_pretrained(lm.model, path, is_trainable=True)
@@ -411,8 +664,9 @@ def _load_adapter_dir(path: Path, dtype, device, default_device, gradient_checkp
     lora_cfg = {"r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "dropout": float(cfg.get("lora_dropout", 0.0)),
                 "target_modules": sorted(targets) if isinstance(targets, list) else targets}
     info = {**lm.info, **model_info(model), "source": str(path), "path": str(path), "base": lm.path, "lora": lora_cfg}
+    setattr(model, AMP_ATTR, lm.amp)  # on the PEFT wrapper too: training reads the model it is given
     return LoadedModel(model=model, tokenizer=tokenizer, device=lm.device, dtype=lm.dtype, path=str(path), info=info,
-                       lora=lora_cfg)
+                       lora=lora_cfg, amp=lm.amp, revision=lm.revision)
 
 
 def _dtype_kwarg() -> str:
@@ -425,13 +679,21 @@ def _dtype_kwarg() -> str:
 def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = "auto", gradient_checkpointing: bool = False,
                seed: int = 0, default_device: str | torch.device | None = None,
-               lora: dict[str, Any] | None = None) -> LoadedModel:
+               lora: dict[str, Any] | None = None, revision: str | None = None,
+               amp: str | torch.dtype | None = None) -> LoadedModel:
     """Loads a causal LM and its tokenizer.
 
-    path_or_preset: a local HF directory (config.json, *.safetensors, tokenizer
-        files; nothing is downloaded) or a preset name from PRESETS (a preset name
-        wins over a directory of the same name: write ./tiny-llama for the latter).
-    dtype: None (default) = bf16 on CUDA, fp32 on CPU; or "bf16"/"fp16"/"fp32"/a torch.dtype.
+    path_or_preset, tried in this order: a preset name from PRESETS (a preset name wins
+        over a directory of the same name: write ./tiny-llama for the latter); an existing
+        local HF directory (config.json, *.safetensors, tokenizer files) or saved LoRA
+        adapter directory; a Hub id ("org/name" or "name"), resolved through the HF cache
+        like from_pretrained, downloading unless HF_HUB_OFFLINE (Note [hub ids]). An
+        os.PathLike is never taken as a Hub id.
+    revision: a Hub id's branch, tag or commit (None: main); an error for anything else.
+    dtype: None (default) = bf16 on CUDA, fp32 on CPU (fp32 everywhere with amp); or
+        "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32" or a torch.dtype.
+    amp: None (default) or "bf16"/"fp16": autocast train_step's and evaluate's forward to
+        it over fp32 weights (Note [amp]).
     device: "auto" (default) = default_device if given (the sidecar's device), else cuda if
         available, else cpu; or "cpu", "cuda", "cuda:1", ... (see resolve_device).
     gradient_checkpointing: recompute activations in backward (non-reentrant); turns off the KV cache.
@@ -449,19 +711,40 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
 
     hf_logging.disable_progress_bar()  # the sidecar's stderr is a log, not a terminal
     dev = resolve_device(device, default_device)
-    dt = resolve_dtype(dtype, dev)
+    dt = torch.float32 if dtype is None and amp is not None else resolve_dtype(dtype, dev)  # Note [amp]
+    autocast = resolve_amp(amp, dev, dt)
     name = str(path_or_preset)
     preset = name if name in PRESETS else None
     path = _preset_dir(name, seed) if preset else Path(name).expanduser()
-    if not preset and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    hub_id = commit = None
+    if not preset and not path.exists() and isinstance(path_or_preset, str) and looks_like_hub_id(name):
+        hub_id = name
+        path, commit = resolve_hub_model(name, revision)
+    elif revision is not None:
+        what = f"the preset {name!r}" if preset else f"the local path {str(path)!r}"
+        raise ModelError(f"revision: {revision!r} is a Hub id's revision, and model is {what}; drop revision",
+                         name, "revision")
+    if not preset and not hub_id and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter_dir(path, dtype=dtype, device=device, default_device=default_device,
-                                 gradient_checkpointing=gradient_checkpointing, lora=lora)
-    _check_hf_dir(path)
+                                 gradient_checkpointing=gradient_checkpointing, lora=lora, amp=amp)
+    label = f"model {hub_id!r} (revision {revision or 'main'!r}, snapshot {str(path)!r})" if hub_id \
+        else f"model directory {str(path)!r}"
+    try:
+        _check_hf_dir(path)
+    except ModelError as e:
+        if not hub_id:
+            raise
+        raise ModelError(f"{label} is in the Hugging Face cache but incomplete: {e}; download it again: "
+                         f"{_hub_download_hint(hub_id, revision)}", hub_id) from e
+    _check_causal_lm(path, label, hub_id or path)
+    if commit is None and not preset:  # a snapshot given by its path (a LoRA adapter's base is recorded so)
+        commit = _snapshot_commit(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{_dtype_kwarg(): dt})
     except Exception as e:  # transformers, safetensors and json raise many types; all mean "this directory"
-        raise ModelError(f"could not load model directory {str(path)!r}: {e}", path) from e
+        raise ModelError(f"could not load {label}: {e}" if hub_id else f"could not load model directory "
+                         f"{str(path)!r}: {e}", hub_id or path) from e
     if tokenizer.pad_token is None:  # Llama 3 ships without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev)
@@ -479,18 +762,22 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         # loads from anywhere (Note [adapter checkpoints] in checkpoint.py)
         model.peft_config[model.active_adapter].base_model_name_or_path = str(path.resolve())
     model.train()
+    setattr(model, AMP_ATTR, autocast)  # Note [amp]
     info = {
         **model_info(model),
-        "source": preset or str(path),
+        "source": preset or hub_id or str(path),
         "path": str(path),
+        "revision": commit,
         "model_type": model.config.model_type,
         "num_layers": getattr(model.config, "num_hidden_layers", None),
         "hidden_size": getattr(model.config, "hidden_size", None),
         "vocab_size": model.config.vocab_size,
         "tokenizer_size": len(tokenizer),
         "dtype": str(dt).removeprefix("torch."),
+        "amp": None if autocast is None else str(autocast).removeprefix("torch."),
         "device": str(dev),
         "gradient_checkpointing": gradient_checkpointing,
         "lora": lora_cfg,
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info, lora=lora_cfg)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info, lora=lora_cfg,
+                       amp=autocast, revision=commit)

@@ -61,16 +61,16 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgspec
 import torch
 
 from .checkpoint import STATE_FILE, CheckpointError, read_checkpoint, save_checkpoint
-from .data import BatchIterator, DatasetError, LoadedDataset, load_dataset
+from .data import BatchIterator, DatasetError, LoadedDataset, StreamingBatchIterator, load_dataset
 from .errors import ErrorCode, InvalidParams, NanotuneError, field_of
 from .models import LoadedModel, load_model
-from .training import DataParallel, create_optimizer, evaluate, generate, optimizer_state_bytes, train_step
+from .training import DataParallel, complete, create_optimizer, evaluate, optimizer_state_bytes, train_step
 from .wire import (
     CheckpointExtra,
     CreateOptimizerParams,
@@ -169,7 +169,7 @@ class Session:
         self.dp: DataParallel | None = None  # the DDP wrapper and its hook's state, in a group
         self.loaded: LoadedModel | None = None
         self.data: LoadedDataset | None = None
-        self.batches: BatchIterator | None = None  # training batches, micro-batch sized
+        self.batches: BatchIterator | StreamingBatchIterator | None = None  # training batches, micro-batch sized
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_params: OptimizerConfig | None = None  # what built self.optimizer
         self.step = 0  # optimizer steps taken
@@ -188,7 +188,8 @@ class Session:
         p = params(LoadModelParams, p, fields)
         lora = None if p.lora is None else msgspec.structs.asdict(p.lora)
         loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
-                            gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora)
+                            gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora,
+                            revision=p.revision, amp=p.amp)
         parallel = None
         self.dp = None
         if self.group is not None:
@@ -214,26 +215,34 @@ class Session:
                                parameters=info["parameters"], trainable_parameters=info["trainable_parameters"],
                                tied=info["tied"], param_bytes=info["param_bytes"],
                                model_type=getattr(lm.model.config, "model_type", "unknown"),
+                               revision=lm.revision, amp=None if lm.amp is None else str(lm.amp).removeprefix("torch."),
                                lora=None if lm.lora is None else LoraConfig(**lm.lora),
                                generation=self.generation, parallel=parallel,
                                world_size=1 if self.group is None else self.group.world_size)
 
     def load_dataset(self, p: LoadDatasetParams | None = None, /, **fields: Any) -> LoadDatasetResult:
+        """Reads and tokenizes the dataset (data.load_dataset). A streamed one (p.streaming,
+        or a source over 64 MiB) reports what it read so far: the first window."""
         p = params(LoadDatasetParams, p, fields)
         self._check_generation(p, "load_dataset")
         lm = self._need_model()
         fmt = p.format or "auto"
+        mapping = None if p.fields is None else \
+            {k: v for k, v in msgspec.structs.asdict(p.fields).items() if v is not None}
         self.data = load_dataset(p.path, lm.tokenizer, format=fmt, cutoff=256 if p.cutoff is None else p.cutoff,
                                  train_on_inputs=bool(p.train_on_inputs), seed=p.seed or 0,
                                  shuffle=True if p.shuffle is None else p.shuffle,
-                                 eval_fraction=p.eval_fraction or 0.0, eval_path=p.eval_path)
+                                 eval_fraction=p.eval_fraction or 0.0, eval_path=p.eval_path,
+                                 split=p.split, config=p.config, revision=p.revision, fields=mapping,
+                                 template=p.template, packing=bool(p.packing), streaming=p.streaming)
         self.batches = None  # made at the first step, with its micro-batch size
         info, train = self.data.info, self.data.info.get("train", {})
         return LoadDatasetResult(
-            path=str(p.path), format=info.get("format", fmt), train_examples=len(self.data.train),
+            path=str(p.path), format=info.get("format", fmt), train_examples=int(train.get("examples", 0)),
             eval_examples=len(self.data.eval) if self.data.eval is not None else 0,
-            tokens=int(train.get("tokens", sum(len(x) for x in self.data.train.input_ids))),
-            truncated=int(train.get("truncated", 0)), dropped=int(train.get("dropped", 0)))
+            tokens=int(train.get("tokens", 0)), truncated=int(train.get("truncated", 0)),
+            dropped=int(train.get("dropped", 0)), template=info.get("template"), packed=bool(info.get("packed")),
+            streaming=bool(info.get("streaming")))
 
     # NanoAdam's options that AdamW does not take (the schema has one params shape for both).
     _NANOADAM_ONLY = ("density", "mask_interval", "density_interval", "final_density", "total_steps", "criterion",
@@ -439,11 +448,10 @@ class Session:
         micro_batch, grad_accum = p.micro_batch or 1, p.grad_accum or 1
         # In a group every rank reads the same global micro-batches and trains on its rows.
         micro_batch *= 1 if self.group is None else self.group.world_size
-        if self.batches is None or self.batches.batch_size != micro_batch:
-            position = self.batches.state_dict() if self.batches is not None else None
+        if self.batches is None:
             self.batches = data.train.batches(micro_batch)
-            if position is not None:  # keep the position when the micro-batch size changes
-                self.batches.epoch, self.batches.index = position["epoch"], position["index"]
+        elif self.batches.batch_size != micro_batch:  # keep the position when the micro-batch size changes
+            self.batches = self.batches.with_batch_size(micro_batch)
         batches = [next(self.batches) for _ in range(grad_accum)]
         before = self.mask
         try:
@@ -455,7 +463,7 @@ class Session:
             self.mask = before  # the optimizer's part came back in train_step
             raise
         result = TrainStepResult(**out, step=self.step,
-                                 epoch=self.batches.epoch + self.batches.index / max(1, len(data.train)),
+                                 epoch=self.batches.progress,
                                  state_bytes=_state_bytes(opt),
                                  all_reduced_bytes=None if self.dp is None or self.dp.comm is None
                                  else self.dp.comm.bytes)
@@ -478,23 +486,40 @@ class Session:
         return EvaluateResult(loss=out["loss"], perplexity=out["perplexity"], tokens=out["tokens"],
                               time_s=time.perf_counter() - t0, step=self.step)
 
-    def generate(self, p: GenerateParams | None = None, /, **fields: Any) -> GenerateResult:
-        """The continuation of p.prompt (a string, or chat messages), greedy unless
-        p.temperature > 0; at most p.max_new_tokens (64) tokens."""
+    def generate(self, p: GenerateParams | None = None, /, on_text: Callable[[str], None] | None = None,
+                 check: Callable[[], None] | None = None, **fields: Any) -> GenerateResult:
+        """The continuation of p.prompt, greedy unless p.temperature > 0; at most
+        p.max_new_tokens (64) tokens (training.complete).
+
+        A string prompt is the instruction of p.template (default "raw": the prompt as
+        it is) with p.input as its {input}, tokenized exactly like a training prompt
+        (Note [generation prompts] in training.py); chat messages go through the
+        tokenizer's chat template. p.stop strings end generation, the text cut before
+        the first. With p.stream, `on_text` gets each new piece of text as it is
+        produced (the sidecar sends them as generate:token events; the pieces
+        concatenate to the result's text). `check` runs after every token (the
+        sidecar's cancellation)."""
         p = params(GenerateParams, p, fields)
         self._check_generation(p, "generate")
         lm = self._need_model()
         if isinstance(p.prompt, str):
             prompt: Any = p.prompt
+        elif p.template not in (None, "chat"):
+            raise SessionError(f"chat messages are rendered by the tokenizer's chat template, not {p.template!r}: "
+                               "leave template out, or give the prompt as a string", "template")
+        elif p.input:
+            raise SessionError("input fills a template's {input}; chat messages have none (put it in a message)",
+                               "input")
         elif not getattr(lm.tokenizer, "chat_template", None):
             raise SessionError("chat messages need a tokenizer with a chat template, and this model's has none; "
                                "give the prompt as a string", "prompt")
         else:
             prompt = [{"role": m.role, "content": m.content} for m in p.prompt]
-        text = generate(lm.model, lm.tokenizer, prompt, max_new_tokens=p.max_new_tokens or 64,
-                        temperature=p.temperature or 0.0, top_p=1.0 if p.top_p is None else p.top_p,
-                        seed=p.seed or 0)
-        return GenerateResult(text=text)
+        out = complete(lm.model, lm.tokenizer, prompt, template=p.template or "raw", input=p.input or "",
+                       max_new_tokens=p.max_new_tokens or 64, temperature=p.temperature or 0.0,
+                       top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed or 0, stop=p.stop or (),
+                       on_text=on_text if p.stream else None, check=check)
+        return GenerateResult(text=out.text, tokens=len(out.ids), finish_reason=out.finish_reason, prompt=out.prompt)
 
     # ------------------------------------------------------------------ checkpoints
 

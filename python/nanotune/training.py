@@ -33,6 +33,7 @@ import inspect
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -40,9 +41,11 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 from .errors import ErrorCode, InvalidParams, NanotuneError
+from .models import amp_dtype
+from .templates import render
 
-__all__ = ["NonFiniteError", "OPTIMIZERS", "OptimizerError", "create_optimizer", "evaluate", "generate",
-           "optimizer_state_bytes", "train_step"]
+__all__ = ["Completion", "NonFiniteError", "OPTIMIZERS", "OptimizerError", "complete", "create_optimizer", "evaluate",
+           "generate", "optimizer_state_bytes", "prompt_ids", "train_step"]
 
 
 class NonFiniteError(NanotuneError):
@@ -346,15 +349,23 @@ def _targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the token cross-entropies of one micro-batch, in fp32."""
+def _loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of the token cross-entropies of one micro-batch, in fp32. amp: the forward and
+    the loss run under torch.autocast to it (models.py, Note [amp]); backward, called
+    outside, follows the dtypes autocast chose, as torch's AMP recipe has it."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T)
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # (B, T)
     labels = batch["labels"].to(device, non_blocking=True)  # (B, T)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    packed = {}
+    if "position_ids" in batch:  # packed blocks (data.py, Note [packing]): positions restart at each document;
+        # without an attention_mask transformers attends within each document only (block-diagonal causal)
+        packed, attention_mask = {"position_ids": batch["position_ids"].to(device, non_blocking=True)}, None
+    with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       **packed).logits  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _sync(model: torch.nn.Module) -> None:
@@ -457,6 +468,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     tokens the target tokens, input_tokens the non-padding ones; density and
     mask_refreshed come from NanoAdam (`current_density`, `last_step_refreshed`), and
     are 1.0 / False for optimizers without them, such as AdamW.
+    The forward runs under autocast when load_model gave `model` an amp dtype (models.py,
+    Note [amp]); weights, gradients and optimizer state keep their dtype.
     """
     if not batches:
         raise InvalidParams("train_step needs at least one micro-batch", field="grad_accum")
@@ -470,6 +483,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if tokens == 0:
         raise InvalidParams("train_step: the micro-batches have no target tokens (all labels are -100)")
     input_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    amp = amp_dtype(model)  # read off the bare model: a DDP wrapper does not forward attributes
     forward, dp = model, data_parallel
     if dp is not None:  # this rank's rows of each global micro-batch; the sums run over the group
         batches = [dp.slice(b) for b in batches]
@@ -496,7 +510,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for n, batch in enumerate(batches):
             # DDP and FSDP communicate in the last micro-batch's backward only
             with dp.gradient_sync(n == len(batches) - 1) if dp is not None else contextlib.nullcontext():
-                loss = _loss_sum(forward, batch) / tokens
+                loss = _loss_sum(forward, batch, amp) / tokens
                 loss.backward()
             loss_sum += loss.detach()  # an fp32 tensor on the device from the first micro-batch on
         grad_norm = None
@@ -554,14 +568,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Token-mean loss and perplexity (exp of it) over all target tokens of `batches`."""
+    """Token-mean loss and perplexity (exp of it) over all target tokens of `batches`;
+    under autocast like train_step when the model has an amp dtype (models.py, Note [amp])."""
+    amp = amp_dtype(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     tokens = 0
     try:
         for batch in batches:
-            total += _loss_sum(model, batch).double().cpu()
+            total += _loss_sum(model, batch, amp).double().cpu()
             tokens += _targets(batch)
     finally:
         model.train(was_training)
@@ -571,34 +587,169 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]])
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, prompt: str | list[dict[str, str]], max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-    """The continuation of `prompt` (the new text only, special tokens removed).
+# ---------------------------------------------------------------------------
+# Generation
+#
+# Note [generation prompts]: a string prompt is the instruction of a template
+# (templates.render, the function data.load_dataset renders instruction rows with;
+# "raw", the default, is the text as it is) and is tokenized the way data.py
+# tokenizes an example's prompt: bos, then the prompt text tokenized on its own
+# without special tokens (Note [prompt and response tokenized apart] in data.py).
+# A finetuned model is therefore asked with the ids of its training prompts, token
+# for token (tests/python/test_generate.py checks that against load_dataset). The
+# "chat" template and chat messages get no extra bos: the tokenizer's chat template
+# writes its own, and data.py's chat rows get none either. Generation itself is
+# transformers' model.generate with the model's generation_config (eos, pad, greedy
+# unless temperature > 0), so its tokens are transformers' own for the same ids.
+#
+# Note [streamed text]: with `stop` or `on_text`, a stopping criterion decodes the
+# new ids after every token (skip_special_tokens, and clean_up_tokenization_spaces
+# off: that clean-up rewrites text already produced, " ." becoming ".", so a piece
+# once sent could stop being a prefix of the text; the result's text is decoded
+# the same way). What it sends on is final: it holds back a trailing U+FFFD (a
+# character whose bytes are not all generated yet) and any tail that could be the
+# start of a stop string, so a stop string is never streamed, and the pieces
+# concatenate to the result's text. The first stop string to appear ends
+# generation, and the text is cut before it.
 
-    prompt: a string (bos is added like in training) or chat messages, rendered by
-        the tokenizer's chat template with the assistant header appended.
-    temperature: 0 (default) = greedy; > 0 samples, with `top_p` nucleus filtering.
-    seed: the sampling seed; the global torch RNG is left untouched either way.
+GENERATION_FINISH = ("length", "eos", "stop")
+
+
+@dataclass
+class Completion:
+    """What complete() produced."""
+
+    text: str  # the new text: special tokens removed, cut before the first stop string
+    ids: list[int]  # the new token ids as generated (a final eos, or the token that completed a stop string, included)
+    finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens reached)
+    prompt: str  # the prompt text as rendered by the template (chat messages: by the chat template)
+    prompt_ids: list[int]  # the ids the model was given
+
+
+def prompt_ids(tokenizer, prompt: str | Sequence[dict[str, str]], template: str = "raw",
+               input: str = "") -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids (Note [generation prompts]).
+
+    prompt: a string, the instruction of `template` (with `input` as its {input}),
+        or chat messages, rendered by the tokenizer's chat template with the
+        assistant's turn opened (`template` and `input` do not apply).
     """
     if isinstance(prompt, str):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+        text = render(template, prompt, input, tokenizer=tokenizer)
+        add_bos = template != "chat"
     else:
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        text = tokenizer.apply_chat_template([dict(m) for m in prompt], tokenize=False, add_generation_prompt=True)
+        add_bos = False
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids.insert(0, tokenizer.bos_token_id)
+    return text, ids
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    # Note [streamed text]: no clean-up, so a longer decode extends a shorter one.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop string in `text` starts (None: none there)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _settled(text: str, stop: Sequence[str]) -> int:
+    """How much of `text` (no stop string in it) later tokens cannot change: all but a
+    trailing U+FFFD and the longest tail that begins some stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = max((k for s in stop for k in range(min(len(s) - 1, n), 0, -1) if text.endswith(s[:k], 0, n)),
+               default=0)
+    return n - hold
+
+
+class _Watch:
+    """A stopping criterion for model.generate that runs after every new token: calls
+    `check` (cancellation), streams the settled new text to `on_text` and ends
+    generation at a stop string (Note [streamed text])."""
+
+    def __init__(self, tokenizer, start: int, stop: Sequence[str], on_text: Callable[[str], None] | None,
+                 check: Callable[[], None] | None):
+        self.tokenizer, self.start, self.stop, self.on_text, self.check = tokenizer, start, list(stop), on_text, check
+        self.sent = ""  # the text streamed so far
+        self.stopped = False
+        self.decodes = bool(stop) or on_text is not None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self.check is not None:
+            self.check()
+        if self.decodes and not self.stopped:
+            text = _decode(self.tokenizer, input_ids[0, self.start:].tolist())  # batch of one
+            cut = _first_stop(text, self.stop)
+            self.stopped = cut is not None
+            self._send(text[:cut] if cut is not None else text[:_settled(text, self.stop)])
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+    def _send(self, settled: str) -> None:
+        if self.on_text is not None and len(settled) > len(self.sent) and settled.startswith(self.sent):
+            piece, self.sent = settled[len(self.sent):], settled
+            self.on_text(piece)
+
+    def finish(self, text: str) -> None:
+        """Sends what is left of the final `text` (the pieces then concatenate to it)."""
+        if self.on_text is not None and not text.startswith(self.sent):  # Note [streamed text] rules this out
+            raise NanotuneError(ErrorCode.INTERNAL, f"generate: the streamed text {self.sent!r} is not a prefix of "
+                                                    f"the final text {text!r}")
+        self._send(text)
+
+
+def _token_ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, torch.Tensor):
+        return set(value.flatten().tolist())
+    return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
+
+
+@torch.no_grad()
+def complete(model: torch.nn.Module, tokenizer, prompt: str | Sequence[dict[str, str]], template: str = "raw",
+             input: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+             check: Callable[[], None] | None = None) -> Completion:
+    """The continuation of `prompt`, with what generation did (see generate for the
+    arguments; Notes [generation prompts] and [streamed text]).
+
+    stop: strings that end generation; the text is cut before the first one to appear.
+    on_text: called with each new piece of text as it is produced; the pieces
+        concatenate to the result's text.
+    check: called after every token; raising there (the sidecar's cancellation) ends
+        generation with that exception.
+    """
+    from transformers import StoppingCriteriaList
+
+    rendered, ids_list = prompt_ids(tokenizer, prompt, template, input)
     device = next(model.parameters()).device
-    ids = ids.to(device)  # (1, T)
-    was_training = model.training
-    model.eval()
+    ids = torch.tensor([ids_list], dtype=torch.long, device=device)  # (1, T)
     sample = temperature > 0
-    kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=max_new_tokens,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=max_new_tokens)
+    # The model's generation_config decides like in transformers (a list of eos ids for
+    # instruct models); the tokenizer's fill in what it leaves out.
+    config = getattr(model, "generation_config", None)
+    if getattr(config, "pad_token_id", None) is None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    if getattr(config, "eos_token_id", None) is None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    eos = _token_ids(kwargs.get("eos_token_id", getattr(config, "eos_token_id", None)))
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:  # greedy: clear sampling settings a generation_config.json may carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    watch = None
+    if stop or on_text is not None or check is not None:
+        watch = _Watch(tokenizer, ids.shape[1], stop, on_text, check)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
+    was_training = model.training
+    model.eval()
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -607,4 +758,29 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str | list[dict[str, str
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # (1, T + new)
     finally:
         model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, ids.shape[1]:].tolist()
+    text = _decode(tokenizer, new)
+    cut = _first_stop(text, stop)
+    reason = "stop" if cut is not None else "eos" if new and new[-1] in eos else "length"
+    text = text if cut is None else text[:cut]
+    if watch is not None:
+        watch.finish(text)
+    return Completion(text=text, ids=new, finish_reason=reason, prompt=rendered, prompt_ids=ids_list)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompt: str | Sequence[dict[str, str]], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, template: str = "raw",
+             input: str = "", stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> str:
+    """The continuation of `prompt` (the new text only, special tokens removed).
+
+    prompt: a string, the instruction of `template` ("raw" by default: the text as
+        it is; "alpaca", "chat", or a format string, see nanotune.templates) with
+        `input` as its {input}, tokenized like a training prompt (bos first); or chat
+        messages, rendered by the tokenizer's chat template with the assistant
+        header appended (Note [generation prompts]).
+    temperature: 0 (default) = greedy; > 0 samples, with `top_p` nucleus filtering.
+    seed: the sampling seed; the global torch RNG is left untouched either way.
+    stop, on_text: see complete(), which also tells the ids and why generation ended.
+    """
+    return complete(model, tokenizer, prompt, template=template, input=input, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=seed, stop=stop, on_text=on_text).text

@@ -111,6 +111,16 @@ class LoraConfig(Model, kw_only=True):
     target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)] | None = msgspec.field(default=None, name="targetModules")  # module names (suffixes) that get an adapter, or "all-linear": every linear layer but the output head (default)
 
 
+class FieldMap(Model, kw_only=True):
+    """the dataset's column for each of our fields, e.g. {instruction: "question", output: "answer"}"""
+
+    instruction: Annotated[str, Meta(min_length=1)] | None = None
+    input: Annotated[str, Meta(min_length=1)] | None = None
+    output: Annotated[str, Meta(min_length=1)] | None = None
+    text: Annotated[str, Meta(min_length=1)] | None = None
+    messages: Annotated[str, Meta(min_length=1)] | None = None
+
+
 class OptimizerGroup(Model, kw_only=True):
     sparse: bool
     tensors: Annotated[int, Meta(ge=0)]
@@ -273,8 +283,10 @@ class DebugStoreResult(Model, kw_only=True):
 
 
 class LoadModelParams(Model, kw_only=True):
-    path: Annotated[str, Meta(min_length=1)]  # a local HF model directory or a preset name
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    path: Annotated[str, Meta(min_length=1)]  # a preset name, a local HF model directory, or a Hub model id ("org/name") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE
+    revision: Annotated[str, Meta(min_length=1)] | None = None  # a Hub id's branch, tag or commit (default main)
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None  # default: bf16 on CUDA, fp32 on CPU; short and long names alike
+    amp: Literal["bfloat16", "float16", "bf16", "fp16"] | None = None  # mixed precision: forward and backward under torch.autocast to this dtype, the weights and optimizer staying in theirs (meant for fp32 weights); absent: none
     device: str | None = None  # "auto" or absent: the device the sidecar started on; "cpu", "cuda", "cuda:1"
     gradient_checkpointing: bool | None = msgspec.field(default=None, name="gradientCheckpointing")
     seed: int | None = None  # init seed of a preset (0: the shared cached build)
@@ -291,6 +303,8 @@ class LoadModelResult(Model, kw_only=True):
     tied: list[list[str]]  # groups of names sharing one tensor
     param_bytes: Annotated[int, Meta(ge=0)] = msgspec.field(name="paramBytes")
     model_type: str = msgspec.field(name="modelType")
+    revision: str | None = None  # the Hub commit the model came from; null: a preset or a local directory
+    amp: str | None = None  # the autocast dtype; null: none
     lora: LoraConfig | None = None  # the adapter as built, defaults filled in; null: no adapter
     generation: Annotated[int, Meta(ge=0)]  # the new session generation: later calls of this run carry it
     parallel: str | None = None  # ddp or fsdp in a sidecar group; null: one process
@@ -299,8 +313,15 @@ class LoadModelResult(Model, kw_only=True):
 
 class LoadDatasetParams(Model, kw_only=True):
     generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
-    path: Annotated[str, Meta(min_length=1)]
+    path: Annotated[str, Meta(min_length=1)]  # a local .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder, or a Hub dataset id (through the datasets library and its cache)
+    split: Annotated[str, Meta(min_length=1)] | None = None  # the split of a save_to_disk DatasetDict or a Hub dataset (default train)
+    config: Annotated[str, Meta(min_length=1)] | None = None  # a Hub dataset's configuration name
+    revision: Annotated[str, Meta(min_length=1)] | None = None  # a Hub dataset's branch, tag or commit
+    fields: FieldMap | None = None  # the dataset's column for each of our fields, e.g. {instruction: "question", output: "answer"}
     format: Literal["auto", "text", "instruction", "alpaca", "commonsense", "chat"] | None = None
+    template: Annotated[str, Meta(min_length=1)] | None = None  # how instruction rows become prompts: alpaca (default), chat (the tokenizer's chat template), raw, or a format string with {instruction} and {input}
+    packing: bool | None = None  # text rows: concatenate documents and cut full cutoff-length blocks, no padding; attention and loss never cross a document boundary
+    streaming: bool | None = None  # read the file as training goes, memory bounded (default: for local files over 64 MiB)
     cutoff: Annotated[int, Meta(ge=2)] | None = None  # most tokens per example (default 256)
     train_on_inputs: bool | None = msgspec.field(default=None, name="trainOnInputs")  # false (default): loss on responses only
     seed: int | None = None
@@ -317,6 +338,9 @@ class LoadDatasetResult(Model, kw_only=True):
     tokens: Annotated[int, Meta(ge=0)]
     truncated: Annotated[int, Meta(ge=0)]
     dropped: Annotated[int, Meta(ge=0)]
+    template: str | None = None  # the template instruction rows were rendered with; null: none (text, chat rows)
+    packed: bool | None = None
+    streaming: bool | None = None  # read as training goes: the counts cover what was read so far
 
 
 class CreateOptimizerParams(OptimizerConfig, kw_only=True):
@@ -407,14 +431,21 @@ class EvaluateResult(Model, kw_only=True):
 class GenerateParams(Model, kw_only=True):
     generation: Annotated[int, Meta(ge=0)] | None = None  # the session generation (from load_model/create_optimizer) this call belongs to; a stale one fails with SESSION_CHANGED
     prompt: str | list[ChatMessage]
+    template: Annotated[str, Meta(min_length=1)] | None = None  # a string prompt is the instruction of this template (alpaca, chat, raw, or a format string); default raw: the prompt as it is
+    input: str | None = None  # the template's {input}
     max_new_tokens: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="maxNewTokens")
     temperature: Annotated[float, Meta(ge=0)] | None = None
     top_p: Annotated[float, Meta(le=1, gt=0)] | None = msgspec.field(default=None, name="topP")
     seed: int | None = None
+    stop: list[Annotated[str, Meta(min_length=1)]] | None = None  # end the text before the first of these strings
+    stream: bool | None = None  # send each new piece of text as a generate:token event while generating
 
 
 class GenerateResult(Model, kw_only=True):
     text: str
+    tokens: Annotated[int, Meta(ge=0)] | None = None  # new tokens generated
+    finish_reason: Literal["length", "eos", "stop"] | None = msgspec.field(default=None, name="finishReason")
+    prompt: str | None = None  # the prompt as rendered by the template
 
 
 class SaveCheckpointParams(Model, kw_only=True):
@@ -445,6 +476,12 @@ class DebugTick(Model, kw_only=True):
     elapsed_s: float = msgspec.field(name="elapsedS")
 
 
+class GenerateToken(Model, kw_only=True):
+    id: Annotated[int, Meta(ge=0)]
+    index: Annotated[int, Meta(ge=0)]
+    text: str
+
+
 class RankLost(Model, kw_only=True):
     rank: Annotated[int, Meta(ge=0)]
     host: str
@@ -468,8 +505,8 @@ METHODS: dict[str, MethodSpec] = {
     "debug.busy": MethodSpec(DebugBusyParams, DebugBusyResult, "compute", "Diagnostic: computes (small matmuls) for `seconds`, checking for cancellation between steps; emits debug:tick."),
     "debug.echo": MethodSpec(DebugEchoParams, DebugEchoResult, "io", "Diagnostic: returns value and tensor as received (the tensor zero-copy)."),
     "debug.store": MethodSpec(DebugStoreParams, DebugStoreResult, "compute", "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value."),
-    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a local HF directory or a preset (tiny-llama, small-llama); starts a new run (a new session generation)."),
-    "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a local JSON/JSONL set (text, instruction, chat) for training and evaluation."),
+    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a preset (tiny-llama, small-llama), a local HF directory or a Hub id (through the HF cache, as from_pretrained); starts a new run (a new session generation)."),
+    "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a dataset (local JSON/JSONL/CSV/parquet, a save_to_disk folder, or a Hub dataset) of text, instructions or chats, for training and evaluation."),
     "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline."),
     "train_step": MethodSpec(TrainStepParams, TrainStepResult, "compute", "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it."),
     "set_mask_policy": MethodSpec(SetMaskPolicyParams, MaskResult, "compute", "Sets criterion and densities; the masks refresh before the next step (now: at once)."),
@@ -484,5 +521,6 @@ METHODS: dict[str, MethodSpec] = {
 
 EVENTS: dict[str, type[Model]] = {
     "debug:tick": DebugTick,
+    "generate:token": GenerateToken,
     "rank:lost": RankLost,
 }

@@ -269,3 +269,13 @@ def test_chat_template_that_rewrites_history_is_an_error(tiny_dir, write_jsonl):
     with pytest.raises(DatasetError, match="prefix by prefix") as e:
         load_dataset(write_jsonl([CHAT[0]] * 2), tok)
     assert (e.value.line, e.value.field) == (1, "messages")
+
+
+def test_jsonl_rows_may_hold_unicode_line_separators(tiny_tokenizer, tmp_path):
+    # JSON allows U+2028/U+2029 unescaped inside strings (json.dumps(ensure_ascii=False)
+    # writes them so); only "\n" ends a JSONL line, so the row and the line numbers hold.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                            for r in [{"text": "a\u2028b"}, {"text": "c\u0085d"}, {"text": "e"}]), encoding="utf-8")
+    data = load_dataset(path, tiny_tokenizer, shuffle=False)
+    assert data.train.lines == [1, 2, 3]

@@ -29,15 +29,32 @@ export function resolvePath(p: string, baseDir: string): string {
 }
 
 /**
- * A model in a config file: a local directory path (resolved like resolvePath) or
- * a preset name ("tiny-llama"), which stays as it is: a string without "/" that
- * names nothing relative to the config's directory.
+ * Whether a config value reads as a Hugging Face Hub id ("org/name": one slash, plain
+ * name characters, no file extension) rather than a relative path. Used only when
+ * nothing exists at the path it would resolve to.
+ */
+export function looksLikeHubId(p: string): boolean {
+  return /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/.test(p) && !/\.(jsonl?|csv|parquet|arrow|txt|gguf|safetensors|bin)$/i.test(p);
+}
+
+/**
+ * A model in a config file: a local directory path (resolved like resolvePath), a
+ * preset name ("tiny-llama") or a Hub id ("org/name", resolved by the sidecar through
+ * the HF cache, docs/models.md); the last two stay as they are when nothing exists at
+ * the path they would name relative to the config's directory.
  */
 export function resolveModelPath(p: string, baseDir: string): string {
   const e = expandHome(p);
   if (isAbsolute(e)) return e;
   const candidate = resolve(baseDir, e);
-  return e.includes("/") || e.includes("\\") || existsSync(candidate) ? candidate : p;
+  if (existsSync(candidate)) return candidate;
+  return (e.includes("/") || e.includes("\\")) && !looksLikeHubId(e) ? candidate : p;
+}
+
+/** data.path / data.evalPath: a file or folder resolved like resolvePath, or a Hub dataset id kept as it is (docs/data.md). */
+export function resolveDataPath(p: string, baseDir: string): string {
+  const candidate = resolvePath(p, baseDir);
+  return !existsSync(candidate) && looksLikeHubId(p) ? p : candidate;
 }
 
 const isRecord = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -52,11 +69,11 @@ export function resolveTrainConfigPaths(raw: unknown, baseDir: string): unknown 
   const out: Record<string, unknown> = { ...raw };
   if (typeof out.model === "string") out.model = resolveModelPath(out.model, baseDir);
   else if (isRecord(out.model) && typeof out.model.path === "string") out.model = { ...out.model, path: resolveModelPath(out.model.path, baseDir) };
-  if (typeof out.data === "string") out.data = resolvePath(out.data, baseDir);
+  if (typeof out.data === "string") out.data = resolveDataPath(out.data, baseDir);
   else if (isRecord(out.data)) {
     const data: Record<string, unknown> = { ...out.data };
-    if (typeof data.path === "string") data.path = resolvePath(data.path, baseDir);
-    if (typeof data.evalPath === "string") data.evalPath = resolvePath(data.evalPath, baseDir);
+    if (typeof data.path === "string") data.path = resolveDataPath(data.path, baseDir);
+    if (typeof data.evalPath === "string") data.evalPath = resolveDataPath(data.evalPath, baseDir);
     out.data = data;
   }
   for (const key of ["runDir", "resumeFrom"] as const) {

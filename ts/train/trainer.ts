@@ -27,6 +27,18 @@
 // A sink that steers (the dashboard) gets the same calls through attach(control), so a
 // click and a line of code have the same effect. pause() before run() starts the run
 // paused (after run:start); stop() applies to the run in progress only.
+//
+// Note [generating from a run]: generate() asks the run's model (during a run, queued
+// between steps like sampleWeights; after it, the trained model) with the prompt
+// format it was trained on: a string prompt is the instruction of the run's training
+// template by default (instruction rows: the template load_dataset rendered them
+// with, alpaca unless data.template says otherwise; chat rows: "chat", one user turn
+// through the tokenizer's chat template; text rows: "raw"), so the model sees the ids
+// of its training prompts (the sidecar tokenizes both alike). With onToken the call
+// streams: the sidecar sends each new piece of text as a generate:token event carrying
+// the call's request id, and only this call's pieces reach onToken, in order, all of
+// them before generate() resolves (events come before the reply on the socket); they
+// concatenate to the result's text.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { ConfigError, NanotuneError } from "../errors.ts";
@@ -41,6 +53,7 @@ import type { NonFiniteStep, PolicyState, RunEndReason, TrainerEvent } from "./e
 import { type MaskDecision, type MaskPolicy, policySpec } from "./policies.ts";
 import { prepareRunDir } from "./rundir.ts";
 import type { Schedule } from "./schedules.ts";
+import type { Template } from "../templates.ts";
 
 export type { TrainerEvent };
 
@@ -61,6 +74,46 @@ export interface RunOptions {
    * SIGINT/SIGTERM).
    */
   checkpointOnAbort?: boolean;
+}
+
+/** trainer.generate's options (Note [generating from a run]). */
+export interface GenerateOptions {
+  /**
+   * How a string prompt becomes the model's prompt: "alpaca", "chat" (the tokenizer's
+   * chat template), "raw" (as it is) or a format string with {instruction} and
+   * {input} (see ts/templates.ts). Default: the run's training template (`trainer.template`).
+   * Chat messages always go through the chat template.
+   */
+  template?: Template;
+  /** The template's {input} (default ""). */
+  input?: string;
+  /** At most this many new tokens (default 64). */
+  maxNewTokens?: number;
+  /** 0 (default): greedy; > 0 samples. */
+  temperature?: number;
+  /** Nucleus sampling's p (default 1). */
+  topP?: number;
+  /** The sampling seed (default 0); training's RNG is not touched either way. */
+  seed?: number;
+  /** Generation ends at the first of these strings to appear; the text is cut before it. */
+  stop?: string[];
+  /** Streams: each new piece of text, in order (index from 0); the pieces concatenate to the result's text. */
+  onToken?: (text: string, index: number) => void;
+  /** Aborting cancels the generation (CANCELLED). */
+  signal?: AbortSignal;
+  timeoutMs?: number;
+}
+
+/** What trainer.generate returns. */
+export interface Generation {
+  /** The new text: special tokens removed, cut before a stop string. */
+  text: string;
+  /** New tokens generated (a final eos included). */
+  tokens: number;
+  /** "eos": the model ended it; "stop": a stop string; "length": maxNewTokens reached. */
+  finishReason: "length" | "eos" | "stop";
+  /** The prompt as the template rendered it. */
+  prompt: string;
 }
 
 /** The Trainer running on each Sidecar (Note [one run per sidecar]). */
@@ -86,6 +139,8 @@ export class Trainer {
   private generation: number | undefined;
   /** The tail of this Trainer's sidecar calls (Note [one call at a time]). */
   private lastCall: Promise<unknown> = Promise.resolve();
+  /** What load_dataset said about the run's data (its format and template): generate's default template. */
+  private data: Result<"load_dataset"> | null = null;
 
   constructor({ sidecar, sinks, ...options }: TrainerInit) {
     this.sidecar = sidecar;
@@ -160,6 +215,63 @@ export class Trainer {
     return { ...r, indices: r.indices as Tensor<"int64">, weights: r.weights as Tensor<"float32">, grads: r.grads as Tensor<"float32"> | null, inMask: r.inMask as Tensor<"uint8"> | null };
   }
 
+  /**
+   * The template generate() uses by default: the one the run's prompts were rendered
+   * with (Note [generating from a run]). Before the data is loaded, what the config says.
+   */
+  get template(): Template {
+    if (this.data) return this.data.template ?? (this.data.format === "instruction" ? "alpaca" : this.data.format === "chat" ? "chat" : "raw");
+    const d = this.config.data;
+    const format = typeof d === "string" ? "auto" : (d.format ?? "auto");
+    if (typeof d !== "string" && d.template && format !== "text" && format !== "chat") return d.template;
+    return ["instruction", "alpaca", "commonsense"].includes(format) ? "alpaca" : format === "chat" ? "chat" : "raw";
+  }
+
+  /**
+   * The run's model continues `prompt` (Note [generating from a run]): a string is the
+   * instruction of `options.template` (default: the run's training template,
+   * `trainer.template`), chat messages go through the tokenizer's chat template.
+   * Greedy unless `temperature` > 0. Works during a run (queued between steps) and
+   * after it; before run() has loaded the model it throws INVALID_ARGUMENT.
+   */
+  async generate(prompt: Params<"generate">["prompt"], options: GenerateOptions = {}): Promise<Generation> {
+    if (this.generation === undefined) {
+      throw new NanotuneError("INVALID_ARGUMENT", "Trainer.generate: this trainer has no model yet; generate works once run() has loaded it, during the run and after it");
+    }
+    const { template, input, maxNewTokens, temperature, topP, seed, stop, onToken, signal, timeoutMs } = options;
+    const params: Params<"generate"> = {
+      generation: this.generation,
+      prompt,
+      // chat messages take no template (the sidecar refuses one other than "chat")
+      template: typeof prompt === "string" ? (template ?? this.template) : template,
+      input,
+      maxNewTokens,
+      temperature,
+      topP,
+      seed,
+      stop,
+      stream: onToken ? true : undefined,
+    };
+    const result = (r: Result<"generate">): Generation => ({ text: r.text, tokens: r.tokens ?? 0, finishReason: r.finishReason ?? "length", prompt: r.prompt ?? "" });
+    if (!onToken) return result(await this.call("generate", params, { signal, timeoutMs }));
+    const events = this.sidecar.events(); // subscribed before the call is sent: no piece is missed
+    let id: number | null = null;
+    let failed: { error: unknown } | null = null;
+    const pump = (async () => {
+      for await (const ev of events) if (ev.event === "generate:token" && ev.data.id === id) onToken(ev.data.text, ev.data.index);
+    })().catch((error: unknown) => void (failed = { error })); // onToken threw: no more calls to it; generate rejects with its error
+    let r: Result<"generate">;
+    try {
+      r = await this.call("generate", params, { signal, timeoutMs, onRequestId: (i) => (id = i) });
+    } finally {
+      // Every piece of this call arrived before its reply; the pump delivers those still buffered, then ends.
+      await events.return?.();
+      await pump;
+    }
+    if (failed) throw (failed as { error: unknown }).error;
+    return result(r);
+  }
+
   /** What a sink's attach() receives: this Trainer's own steering calls (Note [steering a run]). */
   private control(): TrainerControl {
     const self = this;
@@ -210,6 +322,7 @@ export class Trainer {
     let lastLoss: number | null = null;
     let saved: { step: number; path: string | null } = { step: 0, path: null }; // the last checkpoint (or the one resumed from)
     this.generation = undefined;
+    this.data = null;
     // Sinks get events through per-sink queues (ts/sinks/buffer.ts): a slow sink does not
     // slow the steps and a failing one does not end the run; its sink:error is yielded here.
     // The last event (run:end) waits for every sink to drain and close.
@@ -243,6 +356,7 @@ export class Trainer {
       this.generation = model.generation;
       const dataParams: Params<"load_dataset"> = typeof cfg.data === "string" ? { path: cfg.data } : cfg.data;
       const data = await this.call("load_dataset", { ...dataParams, generation: this.generation }, setupCall);
+      this.data = data;
       const { name, ...optOpts } = cfg.optimizer;
       // NanoAdam without maskInterval refreshes only when told: this loop decides.
       const optimizer = await this.call("create_optimizer", { name, ...optOpts, generation: this.generation }, setupCall);

@@ -37,6 +37,24 @@ def _on_session(name: str):
     return handler
 
 
+def _generate(ctx: Context, p: wire.GenerateParams) -> wire.GenerateResult:
+    # The one method with more than params: with p.stream, each new piece of text goes to
+    # the caller at once as a generate:token event carrying the call's id (so a client
+    # tells its calls' streams apart), numbered from 0; the pieces concatenate to the
+    # result's text. In a group the other ranks generate too (lockstep), but only rank 0
+    # talks to the client: their ctx.emit sends nothing.
+    index = 0
+
+    def on_text(text: str) -> None:
+        nonlocal index
+        ctx.emit("generate:token", wire.GenerateToken(id=ctx.id, index=index, text=text))
+        index += 1
+
+    return session(ctx).generate(p, on_text=on_text, check=ctx.check_cancelled)
+
+
+_SPECIAL = {"generate": _generate}
+
 # In a sidecar group every rank runs them (Note [lockstep calls] in nanotune.distributed).
 for _name in SESSION_METHODS:
-    method(_name, lockstep=True)(_on_session(_name))
+    method(_name, lockstep=True)(_SPECIAL.get(_name) or _on_session(_name))
