@@ -1,6 +1,6 @@
 // The TS side of the bridge: starts `python -m nanotune.sidecar`, talks to it over a
 // ZeroMQ DEALER with msgpack envelopes (protocol/schema.ts), and makes sure the
-// process never outlives us. See DESIGN.md "Wire rules".
+// process never outlives us. See docs/protocol.md.
 //
 // Concurrency: calls may overlap; "io" methods (ping, status, cancel, ...) are answered
 // at once, but the sidecar runs one "compute" call at a time and answers a second one
