@@ -204,8 +204,6 @@ class Session:
             else:
                 module, comm = wrap_ddp(loaded.model, self.group.world_size)
                 self.dp = DataParallel(module, self.group, comm)
-        for hook in getattr(self.optimizer, "_hooks", ()):  # the old NanoAdam's sparse-gradient hooks
-            hook.remove()
         self.loaded = loaded
         self.optimizer, self.optimizer_params, self.step, self.mask = None, None, 0, None  # a new run
         self.watch = None
