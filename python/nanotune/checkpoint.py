@@ -84,8 +84,8 @@ import random
 import re
 import shutil
 import sys
-import warnings
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -94,6 +94,7 @@ import msgspec
 import torch
 
 from .errors import InvalidParams, field_of
+from .processes import pid_alive
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointState",
            "PendingLoad", "TrainerStateFile", "has_adapter", "is_checkpoint", "load_checkpoint", "read_checkpoint",
@@ -260,18 +261,7 @@ def _is_ours_tmp(entry: Path) -> bool:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftovers: saves in one process do not overlap
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    if sys.platform.startswith("linux"):  # a zombie (killed, not reaped yet) is gone
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return True
-    return True
+    return pid_alive(pid)
 
 
 def _stale_tmps(parent: Path) -> list[tuple[Path, str]]:
@@ -887,11 +877,11 @@ def _shard_like_params(optimizer: torch.optim.Optimizer) -> None:
 
     if isinstance(optimizer, NanoAdam):
         return
-    for p, st in optimizer.state.items():
-        if not hasattr(p, "to_local"):
-            continue
-        from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor
 
+    for p, st in optimizer.state.items():
+        if not isinstance(p, DTensor):
+            continue
         for k, v in list(st.items()):
             if torch.is_tensor(v) and not isinstance(v, DTensor) and k != "step" \
                     and tuple(v.shape) == tuple(p.to_local().shape):

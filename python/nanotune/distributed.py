@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .processes import pid_alive
+
 log = logging.getLogger("nanotune.sidecar")
 
 __all__ = ["Group", "Outcome", "from_env", "launched_by_torchrun"]
@@ -224,21 +226,6 @@ def watch_parent(parent_pid: int | None) -> None:
             time.sleep(0.2)
 
     threading.Thread(target=run, name="nanotune-parent-watch", daemon=True).start()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether pid runs on this host; a zombie counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def lost_local_rank(group: Group) -> dict[str, Any] | None:

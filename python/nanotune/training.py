@@ -34,7 +34,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -421,10 +421,7 @@ class DataParallel:
         """Gradient accumulation: only the last micro-batch's backward communicates."""
         if on:
             return contextlib.nullcontext()
-        if self.sharded:
-            self.module.set_requires_gradient_sync(False)
-            return _ResyncOnExit(self.module)
-        return self.module.no_sync()
+        return _without_gradient_sync(self.module) if self.sharded else self.module.no_sync()
 
     def slice(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from .parallel import rank_slice
@@ -432,12 +429,14 @@ class DataParallel:
         return rank_slice(batch, self.group.rank, self.group.world_size)
 
 
-class _ResyncOnExit(contextlib.AbstractContextManager):
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.set_requires_gradient_sync(True)
+@contextlib.contextmanager
+def _without_gradient_sync(module: torch.nn.Module) -> Iterator[None]:
+    """FSDP2's no_sync: no reduce-scatter in the backward passes inside."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
