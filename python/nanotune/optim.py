@@ -7,7 +7,9 @@ silent is a named choice below, switchable where users could want the other way.
 
 The class does bookkeeping (schedules, masks, state); the functional
 ``nano_adam`` does the math, with a plain single-tensor reference path kept
-beside the ``foreach`` fast path (tests compare the two).
+beside the fast paths: ``foreach`` (torch's multi-tensor kernels, the default on
+CUDA) and ``fused`` (compiled CPU kernels, the default on the CPU; Note [CPU
+kernels]). Tests compare every fast path with the reference, bit for bit.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ def select_mask(
     grad: Tensor | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int = CHUNK_SIZE,
+    fused: bool | None = None,
 ) -> Tensor:
     """Indices (int32, flat, ascending) of the entries of ``param`` to update.
 
@@ -167,6 +170,10 @@ def select_mask(
     exact int64 keys (|value| bits << 32 | offset), so the result is the same on
     every device and for every run, also for bf16 weights where equal
     magnitudes are common.
+
+    ``fused``: None selects with the compiled CPU kernel (one pass per chunk, Note
+    [CPU kernels]) where it applies, else with torch's topk over those keys; True
+    requires the kernel, False never uses it. Both give the same indices.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"Invalid criterion: {criterion!r}; expected one of {CRITERIA}")
@@ -179,6 +186,16 @@ def select_mask(
         return torch.empty(0, dtype=torch.int32, device=param.device)
     source = grad if criterion == "large_grads" else param
     flat = source.detach().reshape(-1)
+    kernel = _cpu_kernels(fused, [flat]) if criterion != "random" else None
+    if fused and kernel is None:
+        raise ValueError(f"select_mask(fused=True) needs the CPU kernels and a contiguous CPU tensor "
+                         f"({_kernels_reason(flat)}); criterion {criterion!r}")
+    if kernel is not None:
+        runs = []
+        for start, length, k in _chunk_count(numel, density, chunk_size):
+            width = min(length, chunk_size)
+            runs += [start, width, length // width, k]
+        return kernel.select(flat, runs, criterion != "small_weights")
     out = []
     for start, length, k in _chunk_count(numel, density, chunk_size):
         width = min(length, chunk_size)
@@ -202,15 +219,22 @@ def select_mask(
     return torch.cat(out)
 
 
-def _remap(old_idx: Tensor, new_idx: Tensor, values: Tensor) -> Tensor:
-    """Values at ``new_idx``: carried from ``old_idx`` where an index stays, zero where new."""
-    out = torch.zeros(new_idx.numel(), dtype=values.dtype, device=values.device)
+def _remap(old_idx: Tensor, new_idx: Tensor, values: list[Tensor], fused: bool | None = None) -> list[Tensor]:
+    """Each of ``values`` at ``new_idx``: carried from ``old_idx`` where an index stays,
+    zero where new (both ascending). One merge for all arrays: the compiled CPU kernel
+    where it applies (``fused`` as in select_mask), else one searchsorted."""
+    kernel = _cpu_kernels(fused, [old_idx, new_idx, *values])
+    if kernel is not None:
+        return kernel.remap(old_idx, new_idx, values)
+    outs = [torch.zeros(new_idx.numel(), dtype=v.dtype, device=v.device) for v in values]
     if old_idx.numel() == 0:
-        return out
+        return outs
     pos = torch.searchsorted(old_idx, new_idx).clamp_(max=old_idx.numel() - 1)
     stays = old_idx[pos] == new_idx
-    out[stays] = values[pos[stays]]
-    return out
+    src = pos[stays]
+    for out, v in zip(outs, values):
+        out[stays] = v[src]
+    return outs
 
 
 def _compact(idx: Tensor, chunk_size: int, index_dtype: torch.dtype) -> Tensor:
@@ -245,8 +269,8 @@ def nano_adam(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    idxs: list[Tensor | None],
-    steps: list[Tensor],
+    idxs: list[Tensor | tuple[Tensor, float, int] | None],
+    steps: list[Tensor | int | tuple[Tensor, int]],
     *,
     lr: float,
     beta1: float,
@@ -255,20 +279,33 @@ def nano_adam(
     weight_decay: float,
     bias_correction: bool,
     foreach: bool = False,
+    fused: bool = False,
 ) -> None:
     """One NanoAdam step over tensors.
 
-    ``grads[i]`` is the gradient at ``idxs[i]`` (already gathered, fp32) or the
-    dense gradient when ``idxs[i]`` is None (a dense-group tensor). Moments are
-    kept in their own dtype and computed in fp32. ``steps[i]`` is the step count
-    bias correction uses, already incremented: a number or 0-d tensor (the same
-    for every entry of the tensor) or a 1-d int tensor aligned with the gathered
-    entries (each entry's own count; Note [bias correction]). Only
-    ``params[i].view(-1)[idxs[i]]`` is written: every other entry stays
-    bit-identical.
+    ``idxs[i]`` is the mask: int32 flat indices, ascending; or the stored form
+    ``(int16 offsets inside chunks, density, chunk_size)`` (as NanoAdam keeps it);
+    or None for a dense tensor (every entry). ``grads[i]`` is the gradient at the
+    mask (gathered: one entry per mask entry, in the parameter's dtype or fp32) or
+    the dense gradient, which the step gathers. Moments are kept in their own dtype
+    and computed in fp32. ``steps[i]`` is the step count bias correction uses,
+    already incremented: a number or 0-d tensor (the same for every entry of the
+    tensor), a 1-d int tensor aligned with the mask (each entry's own count; Note
+    [bias correction]) or a pair ``(ages, since)`` meaning ``ages + since``. Only
+    ``params[i].view(-1)[mask]`` is written: every other entry stays bit-identical.
+
+    ``fused=True`` runs the compiled CPU kernels (Note [CPU kernels]) for every
+    tensor they take (contiguous CPU tensors, gradient in the parameter's dtype),
+    the others on the reference path; else ``foreach`` picks torch's multi-tensor
+    kernels or the single-tensor reference path. All give the same bits.
     """
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
               bias_correction=bias_correction)
+    if fused:
+        rest = _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, **kw)
+        if rest:
+            _single_tensor_nano_adam(*(list(x) for x in zip(*rest)), **kw)
+        return
     if not foreach:
         _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, **kw)
         return
@@ -283,10 +320,36 @@ def nano_adam(
             start, size = i + 1, 0
 
 
+def _flat_mask(idx: Tensor | tuple[Tensor, float, int] | None, numel: int) -> Tensor | None:
+    """int32 flat indices of a mask given as nano_adam takes it (None stays None)."""
+    if isinstance(idx, tuple):
+        stored, density, chunk_size = idx
+        return _expand(stored, numel, density, chunk_size)
+    return idx
+
+
+def _gathered(g: Tensor, idx: Tensor | None) -> Tensor:
+    """The fp32 gradient at the mask: ``g`` if already gathered, else gathered from it."""
+    g = g.reshape(-1)
+    if idx is not None and g.numel() != idx.numel():
+        g = g.index_select(0, idx)
+    return g.to(torch.float32)
+
+
+def _counts(step: Tensor | int | tuple[Tensor, int]) -> Tensor | int:
+    """The step count(s) bias correction uses; a pair (ages, since) is ages + since."""
+    if isinstance(step, tuple):
+        ages, since = step
+        return ages.to(torch.int32) + since
+    return step
+
+
 def _gather_param(p: Tensor, idx: Tensor | None) -> Tensor:
     # fp32 working copy of the entries to update.
     flat = p.detach().view(-1)
-    return (flat if idx is None else flat[idx]).to(torch.float32, copy=True)
+    if idx is None:
+        return flat.to(torch.float32, copy=True)
+    return flat.index_select(0, idx).to(torch.float32)  # a new tensor already: no second copy
 
 
 def _scatter_param(p: Tensor, idx: Tensor | None, value: Tensor) -> None:
@@ -352,7 +415,8 @@ def _single_tensor_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, 
     # operation order of torch.optim.Adam (so density=1 matches it bit for bit).
     for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
         m, v = m.view(-1), v.view(-1)  # a dense tensor's moments have its shape; the update runs flat
-        g = g.reshape(-1).to(torch.float32)
+        idx = _flat_mask(idx, p.numel())
+        g, step = _gathered(g, idx), _counts(step)
         m32 = m if m.dtype == torch.float32 else m.to(torch.float32)
         v32 = v if v.dtype == torch.float32 else v.to(torch.float32)
         m32.lerp_(g, 1 - beta1)
@@ -377,7 +441,9 @@ def _foreach_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr,
         return
     exp_avgs = [m.view(-1) for m in exp_avgs]  # a dense tensor's moments have its shape; the update runs flat
     exp_avg_sqs = [v.view(-1) for v in exp_avg_sqs]
-    gs = [g.reshape(-1).to(torch.float32) for g in grads]
+    idxs = [_flat_mask(idx, p.numel()) for p, idx in zip(params, idxs)]
+    gs = [_gathered(g, idx) for g, idx in zip(grads, idxs)]
+    steps = [_counts(s) for s in steps]
     ms = [m if m.dtype == torch.float32 else m.to(torch.float32) for m in exp_avgs]
     vs = [v if v.dtype == torch.float32 else v.to(torch.float32) for v in exp_avg_sqs]
     torch._foreach_lerp_(ms, gs, 1 - beta1)
@@ -408,6 +474,77 @@ def _foreach_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr,
         if m32 is not m:
             m.copy_(m32)
             v.copy_(v32)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_kernels(fused: bool | None, tensors: Sequence[Tensor]):
+    """The compiled CPU kernels (nanotune.kernels) when ``fused`` allows them (None or
+    True; False never) and every tensor is a contiguous CPU tensor; else None."""
+    if fused is False or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    from . import kernels  # lazy: built on first use
+
+    return kernels.cpu()
+
+
+def _kernels_reason(t: Tensor) -> str:
+    """Why the CPU kernels do not take ``t``, for error messages."""
+    if t.device.type != "cpu":
+        return f"the tensor is on {t.device}"
+    if not t.is_contiguous():
+        return "the tensor is not contiguous"
+    from . import kernels
+
+    return f"the kernels did not load: {kernels.status()['reason']}"
+
+
+def _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1, beta2, eps,
+                     weight_decay, bias_correction) -> list[tuple]:
+    # Note [CPU kernels]: one compiled pass per tensor does the gather, the moments and
+    # the scatter; returns the (param, grad, m, v, idx, step) tuples it cannot take.
+    rest: list[tuple] = []
+    args: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "idx", "layout", "ss", "bc2", "age", "since")}
+    kernel = _cpu_kernels(True, [])
+    for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
+        p_, g_ = p.detach(), g.detach()
+        stored = idx[0] if isinstance(idx, tuple) else idx
+        tensors = [p_, g_, m, v] + ([stored] if stored is not None else [])
+        if (kernel is None or _cpu_kernels(True, tensors) is None or g_.dtype != p_.dtype
+                or p_.dtype not in _KERNEL_DTYPES or m.dtype not in _KERNEL_DTYPES):
+            rest.append((p, g, m, v, idx, step))
+            continue
+        layout = [0, 0, 0]
+        if isinstance(idx, tuple) and stored.dtype == torch.int16:
+            _, density, chunk_size = idx
+            runs = _chunk_count(p_.numel(), density, chunk_size)
+            if runs and runs[0][1] >= chunk_size:  # full chunks come first
+                layout = [runs[0][2], runs[0][1] // chunk_size, chunk_size]
+            else:
+                layout = [1, 0, chunk_size]
+        elif isinstance(idx, tuple):
+            stored = stored.to(torch.int32)
+        ages, since = None, 0
+        if isinstance(step, tuple) and bias_correction:
+            ages, since = step
+            ss, bc2 = 0.0, 1.0
+        elif torch.is_tensor(step) and step.dim() == 1 and bias_correction:
+            ages, ss, bc2 = step.to(torch.int32).contiguous(), 0.0, 1.0
+        else:
+            ss, bc2 = _step_scalars(0 if isinstance(step, tuple) else step, lr, beta1, beta2, bias_correction)
+        for k, x in zip(args, (p_, g_, m, v, stored, layout, ss, bc2, ages, since)):
+            if k == "layout":
+                args[k] += x
+            else:
+                args[k].append(x)
+    if args["p"]:
+        table = _factor_table(lr, beta1, beta2, torch.device("cpu")) if bias_correction else (None, None)
+        cap = table[0].numel() - 1 if bias_correction else 0
+        decay = 1 - lr * weight_decay if weight_decay else 1.0
+        kernel.step(args["p"], args["g"], args["m"], args["v"], args["idx"], args["layout"], args["ss"],
+                    args["bc2"], args["age"], args["since"], table[0], table[1], cap, beta1, beta2, eps, decay)
+    return rest
 
 
 # --------------------------------------------------------------------------- #
@@ -469,6 +606,10 @@ class NanoAdam(Optimizer):
         chunk_size (int, default 2**15): see CHUNK_SIZE.
         foreach (bool or None, default None): use the foreach fast path; None
             picks it on CUDA.
+        fused (bool or None, default None): the compiled CPU kernels (Note [CPU
+            kernels]) for the step, the selection and the moment remap; None uses
+            them for CPU tensors when they build and ``foreach`` is not True, True
+            requires them (an error where they cannot run), False never.
         sparse_gradients (bool, default False): see Note [sparse gradients].
         seed (int, default 0): seeds the "random" criterion (per tensor and step,
             so a resumed run draws the same masks).
@@ -582,6 +723,7 @@ class NanoAdam(Optimizer):
         index_dtype: torch.dtype = torch.int16,
         chunk_size: int = CHUNK_SIZE,
         foreach: bool | None = None,
+        fused: bool | None = None,
         sparse_gradients: bool = False,
         seed: int = 0,
     ):
@@ -619,6 +761,10 @@ class NanoAdam(Optimizer):
             raise ValueError(f"Invalid moments_dtype: {moments_dtype}; expected None, float32, bfloat16 or float16")
         if index_dtype not in (torch.int16, torch.int32):
             raise ValueError(f"Invalid index_dtype: {index_dtype}; expected torch.int16 or torch.int32")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r}; expected None, True or False")
+        if fused and foreach:
+            raise ValueError("Invalid fused=True with foreach=True: pick one fast path")
         if not (isinstance(chunk_size, int) and 1 <= chunk_size <= (2**15 if index_dtype == torch.int16 else 2**31)):
             raise ValueError(f"Invalid chunk_size: {chunk_size}; must be an int in [1, 2**15] "
                              "(int16 indices) or [1, 2**31] (int32)")
@@ -628,7 +774,7 @@ class NanoAdam(Optimizer):
             final_density=final_density, total_steps=total_steps, criterion=criterion,
             moments_on_refresh=moments_on_refresh, bias_correction=bias_correction,
             moments_dtype=moments_dtype, index_dtype=index_dtype, chunk_size=chunk_size,
-            foreach=foreach, sparse=True,
+            foreach=foreach, fused=fused, sparse=True,
             seed=seed,
         )
         # Read by add_param_group, which super().__init__ calls: not a group default.
@@ -663,6 +809,7 @@ class NanoAdam(Optimizer):
             group.setdefault("sparse", True)
             group.setdefault("seed", 0)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("moments_dtype", None)
             group.setdefault("index_dtype", torch.int32)
 
@@ -710,15 +857,15 @@ class NanoAdam(Optimizer):
         density = self._density_for(group, state, t)
         criterion = group["criterion"]
         gen = self._generator(group, p_index, t) if criterion == "random" else None
+        fused = group["fused"]
         new_idx = select_mask(_local(p), density, criterion, grad=_local(grad), generator=gen,
-                              chunk_size=group["chunk_size"])
+                              chunk_size=group["chunk_size"], fused=fused)
         mdtype = group["moments_dtype"] or torch.float32
         carry = group["moments_on_refresh"] == "carry"
         ages = carry and group["bias_correction"]  # Note [bias correction]
         if "idx" in state and carry:
             old_idx = self._mask(group, p)
-            state["exp_avg"] = _remap(old_idx, new_idx, state["exp_avg"])
-            state["exp_avg_sq"] = _remap(old_idx, new_idx, state["exp_avg_sq"])
+            carried = [state["exp_avg"], state["exp_avg_sq"]]
             if ages:
                 cap = _age_cap(*group["betas"])
                 old_age = state.get("age")
@@ -726,7 +873,10 @@ class NanoAdam(Optimizer):
                     old_age = torch.full((old_idx.numel(),), t, dtype=torch.int32, device=p.device)
                 else:
                     old_age = old_age.to(torch.int32) + (t - state["refreshed_at"])
-                age = _remap(old_idx, new_idx, old_age.clamp_(max=cap))
+                carried.append(old_age.clamp_(max=cap))
+            carried = _remap(old_idx, new_idx, carried, fused)
+            state["exp_avg"], state["exp_avg_sq"] = carried[:2]
+            age = carried[2] if ages else None
         else:
             state["exp_avg"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
@@ -931,6 +1081,7 @@ class NanoAdam(Optimizer):
         for group in self.param_groups:
             params, grads, ms, vs, idxs, steps = [], [], [], [], [], []
             offset = self._param_offset(group)
+            fused = self._fused(group)
             for i, p in enumerate(group["params"]):
                 # In sparse-gradient mode the hook left the gathered gradient here and
                 # p.grad is None, except on a large_grads refresh step (dense kept).
@@ -948,8 +1099,18 @@ class NanoAdam(Optimizer):
                     if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
                         self._refresh(group, p, offset + i, t, p.grad)
                     refreshed = refreshed or state["refreshed_at"] == t
-                    idx = self._mask(group, p)
-                    g = sparse_grad if sparse_grad is not None else _local(p.grad).view(-1)[idx]
+                    if fused:  # the kernel reads the stored mask, and gathers a dense gradient itself
+                        idx = state["idx"]
+                        if idx.dtype == torch.int16:
+                            idx = (idx, state["density"], group["chunk_size"])
+                        g = sparse_grad
+                        if g is None:
+                            g = _local(p.grad)
+                            if self.sparse_gradients:  # a large_grads refresh step: free the dense one now
+                                g = g.reshape(-1).index_select(0, self._mask(group, p))
+                    else:
+                        idx = self._mask(group, p)
+                        g = sparse_grad if sparse_grad is not None else _local(p.grad).view(-1).index_select(0, idx)
                     idxs.append(idx)
                 else:
                     g = _local(p.grad)
@@ -970,19 +1131,33 @@ class NanoAdam(Optimizer):
             beta1, beta2 = group["betas"]
             nano_adam(params, grads, ms, vs, idxs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                       eps=group["eps"], weight_decay=group["weight_decay"],
-                      bias_correction=group["bias_correction"], foreach=foreach)
+                      bias_correction=group["bias_correction"], foreach=foreach, fused=fused)
         self.last_step_refreshed = refreshed
         return loss
 
     @staticmethod
-    def _correction_steps(group, state) -> Tensor | int:
+    def _fused(group) -> bool:
+        """Whether this group's step runs the compiled CPU kernels (the ``fused`` option)."""
+        fused = group["fused"]
+        if fused is False or (fused is None and group["foreach"]):
+            return False
+        first = _local(group["params"][0])
+        if _cpu_kernels(fused, [first]) is not None:
+            return True
+        if fused:
+            raise ValueError(f"fused=True needs nanotune's CPU kernels: {_kernels_reason(first)}; "
+                             "use fused=None to fall back to the torch-op paths")
+        return False
+
+    @staticmethod
+    def _correction_steps(group, state) -> Tensor | int | tuple[Tensor, int]:
         """The count a sparse tensor's bias correction uses this step (Note [bias correction]):
         each entry's age under "carry", the steps since the refresh under "reset"."""
         if not group["bias_correction"]:
             return state["step"]  # unused
         since = int(state["step"]) - state.get("refreshed_at", 0)
         if "age" in state:
-            return state["age"].to(torch.int32) + since
+            return state["age"], since  # nano_adam adds them up (the kernel, entry by entry)
         if group["moments_on_refresh"] == "reset":
             return since
         return state["step"]  # "carry" with unknown ages: the tensor's steps

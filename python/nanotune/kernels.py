@@ -1,0 +1,136 @@
+"""Compiled CPU kernels for NanoAdam: the sparse step, the per-chunk selection and
+the moment remap (csrc/nano_adam_cpu.cpp; Note [CPU kernels] in optim.py).
+
+Built with torch.utils.cpp_extension on first use (about 20 s with a C++ compiler
+and ninja), then loaded from $NANOTUNE_CACHE/kernels (default
+~/.cache/nanotune/kernels), keyed by the source, torch's version and the flags.
+Where no compiler is found or the build fails, ``cpu()`` returns None and says why
+once; NanoAdam then runs its torch-op paths, which give the same bits, slower.
+
+NANOTUNE_KERNELS: ``auto`` (default) builds on first use and falls back quietly
+but for one warning; ``0`` never builds (torch-op paths only); ``1`` raises when
+the build fails. ``python -m nanotune.kernels`` builds now and reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["cpu", "status", "SOURCE"]
+
+SOURCE = Path(__file__).parent / "csrc" / "nano_adam_cpu.cpp"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+_tried = False
+
+
+def _mode() -> str:
+    mode = os.environ.get("NANOTUNE_KERNELS", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"Invalid NANOTUNE_KERNELS: {mode!r}; expected auto, 0 or 1")
+    return mode
+
+
+def _flags() -> list[str]:
+    # -ffp-contract=off: only the multiply-adds the source writes as std::fma are fused,
+    # so the rounding is the torch reference's (Note [CPU kernels]). -mfma where torch
+    # itself runs AVX2/AVX-512 code (both imply FMA), so std::fma is one instruction.
+    flags = ["-O3", "-ffp-contract=off"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags.append("-mfma")
+    # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The
+    # library it links is torch's own libgomp.so.1, already loaded (same soname). Apple's
+    # clang has no -fopenmp: there the kernels run on one thread.
+    if sys.platform != "darwin":
+        flags.append("-fopenmp")
+    return flags
+
+
+def _build_dir(name: str) -> Path:
+    from .models import cache_dir  # one cache root for presets and kernels
+
+    return cache_dir() / "kernels" / name
+
+
+def _ensure_ninja() -> None:
+    # torch's builder runs `ninja` from PATH; the `ninja` wheel puts it next to the
+    # interpreter, which is not on PATH when the sidecar runs .venv/bin/python directly.
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _load() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    flags = _flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode())
+    name = f"nanotune_cpu_{key.hexdigest()[:16]}"
+    build = _build_dir(name)
+    build.mkdir(parents=True, exist_ok=True)
+    _ensure_ninja()
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=str(build), verbose=False)
+
+
+def cpu() -> ModuleType | None:
+    """The compiled CPU kernels, built on the first call; None when NANOTUNE_KERNELS=0
+    or the build failed (``status()`` says why)."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        mode = _mode()
+        if mode == "0":
+            _error = "NANOTUNE_KERNELS=0"
+        else:
+            try:
+                _module = _load()
+            except Exception as e:  # no compiler, no ninja, a compile error: fall back, say why
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                _error = f"{type(e).__name__}: {first}"
+                if mode == "1":
+                    _tried = True
+                    raise RuntimeError(f"nanotune's CPU kernels did not build ({_error}); "
+                                       "install a C++ compiler and ninja, or set NANOTUNE_KERNELS=auto") from e
+                warnings.warn(f"nanotune's CPU kernels did not build ({_error}): NanoAdam runs its torch-op "
+                              "paths on the CPU (same results, slower). NANOTUNE_KERNELS=0 skips the build.",
+                              RuntimeWarning, stacklevel=2)
+        _tried = True
+    return _module
+
+
+def status() -> dict[str, object]:
+    """Whether the kernels are loaded, and why not: builds them if not tried yet."""
+    module = cpu()
+    return {"available": module is not None, "reason": _error,
+            "path": getattr(module, "__file__", None) if module is not None else None}
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    s = status()
+    took = time.perf_counter() - t0
+    if s["available"]:
+        print(f"nanotune CPU kernels: ready ({s['path']}, {took:.1f} s)")
+    else:
+        print(f"nanotune CPU kernels: not available ({s['reason']}); NanoAdam uses its torch-op paths")
