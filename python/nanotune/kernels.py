@@ -44,11 +44,15 @@ def _mode() -> str:
 
 def _flags() -> list[str]:
     # -ffp-contract=off: only the multiply-adds the source writes as std::fma are fused,
-    # so the rounding is the torch reference's (Note [CPU kernels]). -mfma where torch
-    # itself runs AVX2/AVX-512 code (both imply FMA), so std::fma is one instruction.
+    # so the rounding is the torch reference's (Note [CPU kernels]). The instruction sets
+    # are those torch itself found on this CPU (AVX2 and AVX-512 machines have FMA and
+    # POPCNT), so std::fma is one instruction; the build is cached per flags.
     flags = ["-O3", "-ffp-contract=off"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags.append("-mfma")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mfma", "-mpopcnt"]
+    if capability == "AVX512":  # the selection's passes run 16 keys at a time
+        flags.append("-mavx512f")
     # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. The
     # library it links is torch's own libgomp.so.1, already loaded (same soname). Apple's
     # clang has no -fopenmp: there the kernels run on one thread.

@@ -135,6 +135,15 @@ def _chunk_count(numel: int, density: float, chunk_size: int) -> list[tuple[int,
     return runs
 
 
+def _runs(numel: int, density: float, chunk_size: int) -> list[int]:
+    """The chunks as the CPU kernels take them: (start, width, rows, k) per run, flat."""
+    out = []
+    for start, length, k in _chunk_count(numel, density, chunk_size):
+        width = min(length, chunk_size)
+        out += [start, width, length // width, k]
+    return out
+
+
 def selected_count(numel: int, density: float, chunk_size: int = CHUNK_SIZE) -> int:
     """How many entries a tensor of ``numel`` entries selects at ``density``."""
     return sum(
@@ -186,16 +195,13 @@ def select_mask(
         return torch.empty(0, dtype=torch.int32, device=param.device)
     source = grad if criterion == "large_grads" else param
     flat = source.detach().reshape(-1)
-    kernel = _cpu_kernels(fused, [flat]) if criterion != "random" else None
-    if fused and kernel is None:
+    kernel = _cpu_kernels(fused, [flat]) if criterion != "random" and flat.dtype in _KERNEL_DTYPES else None
+    if fused and criterion != "random" and kernel is None:
         raise ValueError(f"select_mask(fused=True) needs the CPU kernels and a contiguous CPU tensor "
                          f"({_kernels_reason(flat)}); criterion {criterion!r}")
     if kernel is not None:
-        runs = []
-        for start, length, k in _chunk_count(numel, density, chunk_size):
-            width = min(length, chunk_size)
-            runs += [start, width, length // width, k]
-        return kernel.select(flat, runs, criterion != "small_weights")
+        return kernel.refresh([flat], [_runs(numel, density, chunk_size)], criterion != "small_weights",
+                              [None], [[]], [[]], -1, [0], 0, False)[0][0]
     out = []
     for start, length, k in _chunk_count(numel, density, chunk_size):
         width = min(length, chunk_size)
@@ -219,13 +225,9 @@ def select_mask(
     return torch.cat(out)
 
 
-def _remap(old_idx: Tensor, new_idx: Tensor, values: list[Tensor], fused: bool | None = None) -> list[Tensor]:
+def _remap(old_idx: Tensor, new_idx: Tensor, values: list[Tensor]) -> list[Tensor]:
     """Each of ``values`` at ``new_idx``: carried from ``old_idx`` where an index stays,
-    zero where new (both ascending). One merge for all arrays: the compiled CPU kernel
-    where it applies (``fused`` as in select_mask), else one searchsorted."""
-    kernel = _cpu_kernels(fused, [old_idx, new_idx, *values])
-    if kernel is not None:
-        return kernel.remap(old_idx, new_idx, values)
+    zero where new (both ascending); one searchsorted serves all arrays."""
     outs = [torch.zeros(new_idx.numel(), dtype=v.dtype, device=v.device) for v in values]
     if old_idx.numel() == 0:
         return outs
@@ -510,9 +512,9 @@ def _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, b
     for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
         p_, g_ = p.detach(), g.detach()
         stored = idx[0] if isinstance(idx, tuple) else idx
-        tensors = [p_, g_, m, v] + ([stored] if stored is not None else [])
-        if (kernel is None or _cpu_kernels(True, tensors) is None or g_.dtype != p_.dtype
-                or p_.dtype not in _KERNEL_DTYPES or m.dtype not in _KERNEL_DTYPES):
+        if (kernel is None or p_.device.type != "cpu" or g_.dtype != p_.dtype or p_.dtype not in _KERNEL_DTYPES
+                or m.dtype not in _KERNEL_DTYPES or not (p_.is_contiguous() and g_.is_contiguous()
+                                                         and m.is_contiguous() and v.is_contiguous())):
             rest.append((p, g, m, v, idx, step))
             continue
         layout = [0, 0, 0]
@@ -851,8 +853,31 @@ class NanoAdam(Optimizer):
         g.manual_seed((group["seed"] * 1_000_003 + p_index) * 1_000_033 + t)
         return g
 
-    @torch.no_grad()
     def _refresh(self, group, p: Tensor, p_index: int, t: int, grad: Tensor | None) -> None:
+        self._refresh_all(group, [(p, p_index, t, grad)])
+
+    @torch.no_grad()
+    def _refresh_all(self, group, items: list[tuple[Tensor, int, int, Tensor | None]]) -> None:
+        """Refreshes the masks of ``items`` (tensor, its index, its step, its gradient): those
+        the CPU kernels take in one call (Note [CPU kernels]), the others one by one."""
+        criterion, fused = group["criterion"], group["fused"]
+        batch, kernel = [], None
+        for p, p_index, t, grad in items:
+            state = self.state[p]
+            density = self._density_for(group, state, t)
+            source = _local(grad) if criterion == "large_grads" else _local(p)
+            if criterion != "random" and density != 0 and source is not None and source.dtype in _KERNEL_DTYPES:
+                kernel = _cpu_kernels(fused, [source])
+                if kernel is not None:
+                    batch.append((state, source.detach().reshape(-1), density, t))
+                    continue
+            self._refresh_one(group, p, p_index, t, grad)
+        if batch:
+            self._refresh_fused(kernel, group, batch)
+
+    @torch.no_grad()
+    def _refresh_one(self, group, p: Tensor, p_index: int, t: int, grad: Tensor | None) -> None:
+        # The torch-op path: select_mask, then _remap carries the moments and ages.
         state = self.state[p]
         density = self._density_for(group, state, t)
         criterion = group["criterion"]
@@ -874,7 +899,7 @@ class NanoAdam(Optimizer):
                 else:
                     old_age = old_age.to(torch.int32) + (t - state["refreshed_at"])
                 carried.append(old_age.clamp_(max=cap))
-            carried = _remap(old_idx, new_idx, carried, fused)
+            carried = _remap(old_idx, new_idx, carried)
             state["exp_avg"], state["exp_avg_sq"] = carried[:2]
             age = carried[2] if ages else None
         else:
@@ -890,6 +915,52 @@ class NanoAdam(Optimizer):
         state["density"] = density
         state["refreshed_at"] = t
         state["refresh_requested"] = False
+
+    def _refresh_fused(self, kernel, group, batch: list[tuple[dict, Tensor, float, int]]) -> None:
+        # _refresh_one for a batch of (state, flat source, density, step) in one compiled call
+        # (Note [CPU kernels]): the selection, the new masks in their stored form, and the
+        # carried moments and ages, chunk by chunk. The same result.
+        chunk_size = group["chunk_size"]
+        carry = group["moments_on_refresh"] == "carry"
+        ages = carry and group["bias_correction"]  # Note [bias correction]
+        cap = _age_cap(*group["betas"])
+        args: dict[str, list] = {k: [] for k in ("source", "runs", "old", "old_runs", "values", "age_add")}
+        for state, source, density, t in batch:
+            old = state["idx"] if carry and state.get("density") else None  # a frozen tensor's empty mask carries nothing
+            values, age_add = [], 0
+            if old is not None:
+                values = [state["exp_avg"], state["exp_avg_sq"]]
+                if ages:
+                    if "age" in state:
+                        values.append(state["age"])
+                        age_add = t - state["refreshed_at"]
+                    else:  # unknown ages: the tensor's steps, as before ages existed
+                        values.append(torch.full((old.numel(),), t, dtype=torch.int32))
+            numel = source.numel()
+            for k, v in zip(args, (source, _runs(numel, density, chunk_size), old,
+                                   _runs(numel, state["density"], chunk_size) if old is not None else [],
+                                   values, age_add)):
+                args[k].append(v)
+        outs = kernel.refresh(args["source"], args["runs"], group["criterion"] != "small_weights", args["old"],
+                              args["old_runs"], args["values"], 2 if ages else -1, args["age_add"], cap,
+                              group["index_dtype"] == torch.int16)
+        mdtype = group["moments_dtype"] or torch.float32
+        for (state, _, density, t), (idx, *carried) in zip(batch, outs):
+            k = idx.numel()
+            if carried:
+                state["exp_avg"], state["exp_avg_sq"] = carried[0], carried[1]
+            else:
+                state["exp_avg"] = torch.zeros(k, dtype=mdtype)
+                state["exp_avg_sq"] = torch.zeros(k, dtype=mdtype)
+            if ages:
+                age = carried[2] if carried else torch.zeros(k, dtype=torch.int32)
+                state["age"] = age.to(torch.int16 if cap < 2**15 else torch.int32)
+            else:
+                state.pop("age", None)
+            state["idx"] = idx
+            state["density"] = density
+            state["refreshed_at"] = t
+            state["refresh_requested"] = False
 
     def _init_state(self, group, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -953,6 +1024,7 @@ class NanoAdam(Optimizer):
             if density is not None and not per_tensor:
                 group["density"] = density
             offset = self._param_offset(group)
+            due = []
             for i, (p, name) in enumerate(zip(group["params"], self._names(group))):
                 state = self._init_state(group, p)
                 if per_tensor:
@@ -964,9 +1036,10 @@ class NanoAdam(Optimizer):
                     if group["criterion"] == "large_grads" and p.grad is None:
                         raise ValueError(f"criterion 'large_grads' needs gradients: {name} has none "
                                          "(call after backward())")
-                    self._refresh(group, p, offset + i, int(state["step"]), p.grad)
+                    due.append((p, offset + i, int(state["step"]), p.grad))
                 else:
                     state["refresh_requested"] = True
+            self._refresh_all(group, due)
 
     def _mask(self, group, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -981,7 +1054,9 @@ class NanoAdam(Optimizer):
                 for p, name in zip(group["params"], self._names(group)):
                     canonical = name.split("=")[0]
                     if "idx" in self.state[p] and (names is None or canonical in names):
-                        out[canonical] = self._mask(group, p)
+                        mask = self._mask(group, p)
+                        # A copy of int32 masks: a refresh rewrites the stored one in place (Note [CPU kernels]).
+                        out[canonical] = mask.clone() if mask is self.state[p]["idx"] else mask
         return out
 
     @property
@@ -1055,14 +1130,19 @@ class NanoAdam(Optimizer):
             if not group["sparse"]:
                 continue
             offset = self._param_offset(group)
+            due, from_grad = [], set()
             for i, p in enumerate(group["params"]):
                 state = self._init_state(group, p)
                 t = int(state["step"])
                 if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
                     if group["criterion"] == "large_grads":
+                        from_grad.add(p)
                         continue
-                    self._refresh(group, p, offset + i, t, None)
-                masks[p] = self._mask(group, p)
+                    due.append((p, offset + i, t, None))
+            self._refresh_all(group, due)
+            for p in group["params"]:
+                if p not in from_grad:
+                    masks[p] = self._mask(group, p)
         self.comm_masks = masks
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1082,6 +1162,17 @@ class NanoAdam(Optimizer):
             params, grads, ms, vs, idxs, steps = [], [], [], [], [], []
             offset = self._param_offset(group)
             fused = self._fused(group)
+            if group["sparse"]:  # the masks due, refreshed together (one kernel call)
+                due = []
+                for i, p in enumerate(group["params"]):
+                    if p.grad is None and p not in self._sparse_grads:
+                        continue
+                    state = self._init_state(group, p)
+                    t = int(state["step"])
+                    frozen = state.get("density_override") == 0 and state.get("density") == 0
+                    if not frozen and self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
+                        due.append((p, offset + i, t, p.grad))
+                self._refresh_all(group, due)
             for i, p in enumerate(group["params"]):
                 # In sparse-gradient mode the hook left the gathered gradient here and
                 # p.grad is None, except on a large_grads refresh step (dense kept).

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -214,9 +215,21 @@ void step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
 }
 
 // ----------------------------------------------------------------------------
-// Selection: per chunk, the k entries of smallest key, ties to the lower index
-// (select_mask's rule). Keys are |x| as fp32 bit patterns (monotone in |x| for
-// non-negative floats); for the largest entries the keys are complemented.
+// The refresh: per chunk, the k entries of smallest key, ties to the lower index
+// (select_mask's rule), and the moments of the entries that stay (optim._remap).
+// Keys are |x| as fp32 bit patterns, monotone in |x| for non-negative floats; for
+// the largest entries they are complemented, so the smallest key still wins.
+//
+// Per chunk, without sorting: a strided sample of 512 keys bounds the k-th key
+// from both sides (3 standard deviations of its rank); one pass counts the keys
+// below the lower bound and collects the few between the bounds; a histogram of
+// those finds the k-th exactly; a last pass writes the offsets below it (and the
+// tied ones, lowest index first). A sample that misses (rare) widens the bounds to
+// every key, which only costs time. With AVX-512 the passes run 16 keys at a time.
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 template <typename T>
 inline uint32_t magnitude_key(T x) {
@@ -226,182 +239,397 @@ inline uint32_t magnitude_key(T x) {
   return bits & 0x7fffffffu;
 }
 
-// The k smallest of keys[0..w) (key then index), written ascending by index to out.
-// A sample of the row bounds the k-th key from both sides; one pass then writes the
-// entries below the lower bound straight out and collects those between the bounds;
-// the k-th among those few decides the rest. A bad sample (rare) falls back to
-// nth_element on the whole row: the result is the same either way.
-void select_row(const uint32_t* keys, int64_t w, int64_t k, int32_t base, int32_t* out,
-                std::vector<int32_t>& below, std::vector<int32_t>& between, std::vector<uint32_t>& scratch) {
+// Thread-local working memory, sized for one chunk.
+struct Scratch {
+  std::vector<uint32_t> keys, sample, bin_keys;
+  std::vector<int32_t> cand, sel;
+  std::vector<uint32_t> hist;
+  std::vector<char> carried;  // one chunk's old values, when they are replaced in place
+  std::vector<int32_t> old_off;  // one chunk's old offsets
+  // The window the previous chunk suggests for the next one of the same (width, k):
+  // chunks of one tensor are alike, so it usually holds the k-th key and no sample is drawn.
+  int64_t window_w = -1, window_k = -1;
+  uint32_t window_lo = 0, window_hi = 0;
+  bool window_hi_all = true;
+  // The next chunk's bytes, fetched into L2 while this one is selected.
+  const char* next = nullptr;
+  int64_t next_bytes = 0;
+  // The next chunk's old mask and carried values, fetched a line at a time by emit().
+  std::vector<std::pair<const char*, int64_t>> ahead;
+  size_t ahead_at = 0;
+  int64_t ahead_line = 0;
+  inline void fetch_one() {
+    while (ahead_at < ahead.size()) {
+      if (ahead_line < ahead[ahead_at].second) {
+        __builtin_prefetch(ahead[ahead_at].first + ahead_line, 0, 2);
+        ahead_line += 64;
+        return;
+      }
+      ++ahead_at;
+      ahead_line = 0;
+    }
+  }
+  void fit(int64_t w) {
+    if (int64_t(keys.size()) < w + 16) {
+      keys.resize(w + 16);
+      cand.resize(w + 16);
+      sel.resize(w + 16);
+    }
+  }
+};
+
+// Counts keys < lo and collects the offsets of keys in [lo, hi) (hi_all: no upper bound).
+inline int64_t collect(const uint32_t* keys, int64_t w, uint32_t lo, uint32_t hi, bool hi_all, int32_t* cand,
+                       int64_t& nc, const char* next, int64_t next_bytes) {
+  int64_t nb = 0, i = 0;
+  nc = 0;
+#if defined(__AVX512F__)
+  const __m512i vlo = _mm512_set1_epi32(int32_t(lo)), vhi = _mm512_set1_epi32(int32_t(hi));
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= w; i += 16, iv = _mm512_add_epi32(iv, step)) {
+    if (i * 4 < next_bytes) __builtin_prefetch(next + i * 4, 0, 2);  // one line of the next chunk per 16 keys
+    const __m512i kv = _mm512_loadu_si512(keys + i);
+    const __mmask16 below = _mm512_cmplt_epu32_mask(kv, vlo);
+    const __mmask16 under = hi_all ? __mmask16(0xffff) : _mm512_cmplt_epu32_mask(kv, vhi);
+    const __mmask16 between = under & __mmask16(~below);
+    nb += __builtin_popcount(below);
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(between, iv));
+    nc += __builtin_popcount(between);
+  }
+#endif
+  for (; i < w; ++i) {  // branch-free: the store always happens, the count advances
+    const uint32_t key = keys[i];
+    cand[nc] = int32_t(i);
+    nb += key < lo;
+    nc += (key >= lo) & (hi_all | (key < hi));
+  }
+  return nb;
+}
+
+// Writes the offsets of keys < kth, then (inclusive) also == kth, ascending; returns the count.
+inline int64_t emit(const uint32_t* keys, int64_t w, uint32_t kth, bool inclusive, int32_t* out, Scratch& s) {
+  int64_t n = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512i vk = _mm512_set1_epi32(int32_t(kth));
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= w; i += 16, iv = _mm512_add_epi32(iv, step)) {
+    s.fetch_one();
+    const __m512i kv = _mm512_loadu_si512(keys + i);
+    const __mmask16 take = inclusive ? _mm512_cmple_epu32_mask(kv, vk) : _mm512_cmplt_epu32_mask(kv, vk);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(take, iv));
+    n += __builtin_popcount(take);
+  }
+#endif
+  for (; i < w; ++i) {
+    out[n] = int32_t(i);
+    n += inclusive ? keys[i] <= kth : keys[i] < kth;
+  }
+  return n;
+}
+
+// The k smallest of keys[0..w) (key, then offset), ascending by offset, into s.sel.
+void select_row(const uint32_t* keys, int64_t w, int64_t k, Scratch& s) {
+  int32_t* sel = s.sel.data();
   if (k >= w) {
-    for (int64_t i = 0; i < w; ++i) out[i] = base + int32_t(i);
+    for (int64_t i = 0; i < w; ++i) sel[i] = int32_t(i);
     return;
   }
-  // Bounds from a strided sample: the sample's order statistics around rank k * s / w,
-  // 4 standard deviations of that rank either side.
-  const int64_t s = std::min<int64_t>(w, 1024);
-  const int64_t stride = w / s;
-  scratch.resize(s);
-  for (int64_t i = 0; i < s; ++i) scratch[i] = keys[i * stride];
-  const double q = double(k) / double(w);
-  const double rank = q * double(s);
-  const double spread = 4.0 * std::sqrt(std::max(1.0, rank * (1.0 - q))) + 2.0;
-  const int64_t lo_rank = int64_t(std::floor(rank - spread));
-  const int64_t hi_rank = int64_t(std::ceil(rank + spread));
-  uint64_t lo = 0, hi = uint64_t(1) << 32;  // keys in [lo, hi) are candidates
-  if (lo_rank > 0) {
-    std::nth_element(scratch.begin(), scratch.begin() + lo_rank, scratch.end());
-    lo = scratch[lo_rank];
+  uint32_t lo = 0, hi = 0;
+  bool hi_all = true;
+  int64_t nc = 0, nb = -1;
+  if (s.window_w == w && s.window_k == k) {  // the previous chunk's window
+    lo = s.window_lo, hi = s.window_hi, hi_all = s.window_hi_all;
+    nb = collect(keys, w, lo, hi, hi_all, s.cand.data(), nc, s.next, s.next_bytes);
   }
-  if (hi_rank < s) {
-    std::nth_element(scratch.begin(), scratch.begin() + hi_rank, scratch.end());
-    hi = scratch[hi_rank];
-  }
-  below.resize(w + 1);
-  between.resize(w + 1);
-  int64_t nb = 0, nc = 0;
-  for (int64_t i = 0; i < w; ++i) {  // branch-free: both stores always, counts advance
-    const uint64_t key = keys[i];
-    below[nb] = int32_t(i);
-    between[nc] = int32_t(i);
-    nb += key < lo;
-    nc += (key >= lo) & (key < hi);
-  }
-  uint32_t kth;
-  int64_t need;  // entries equal to kth that are taken, lowest index first
-  if (nb <= k - 1 && k - 1 < nb + nc) {
-    scratch.resize(nc);
-    for (int64_t i = 0; i < nc; ++i) scratch[i] = keys[between[i]];
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1 - nb), scratch.end());
-    kth = scratch[k - 1 - nb];
-  } else {
-    scratch.assign(keys, keys + w);
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
-    kth = scratch[k - 1];
-    // Recollect around the exact k-th key.
-    nb = nc = 0;
-    for (int64_t i = 0; i < w; ++i) {
-      const uint32_t key = keys[i];
-      below[nb] = int32_t(i);
-      between[nc] = int32_t(i);
-      nb += key < kth;
-      nc += key == kth;
+  if (!(nb >= 0 && nb <= k - 1 && k - 1 < nb + nc)) {
+    // Bounds from a strided sample: its order statistics 3 standard deviations of the
+    // k-th's rank either side.
+    const int64_t n_sample = std::min<int64_t>(w, 512);
+    const int64_t stride = w / n_sample;
+    s.sample.resize(n_sample);
+    for (int64_t i = 0; i < n_sample; ++i) s.sample[i] = keys[i * stride];
+    const double q = double(k) / double(w), rank = q * double(n_sample);
+    const double spread = 3.0 * std::sqrt(std::max(1.0, rank * (1.0 - q))) + 2.0;
+    const int64_t lo_rank = int64_t(std::floor(rank - spread)), hi_rank = int64_t(std::ceil(rank + spread));
+    lo = 0, hi = 0, hi_all = true;
+    if (lo_rank > 0) {
+      std::nth_element(s.sample.begin(), s.sample.begin() + lo_rank, s.sample.end());
+      lo = s.sample[lo_rank];
+    }
+    if (hi_rank < n_sample) {
+      std::nth_element(s.sample.begin() + std::max<int64_t>(lo_rank, 0), s.sample.begin() + hi_rank, s.sample.end());
+      hi = s.sample[hi_rank];
+      hi_all = false;
+    }
+    nb = collect(keys, w, lo, hi, hi_all, s.cand.data(), nc, s.next, s.next_bytes);
+    if (!(nb <= k - 1 && k - 1 < nb + nc)) {  // the sample missed: every key is a candidate
+      lo = 0;
+      hi_all = true;
+      nb = collect(keys, w, lo, hi, hi_all, s.cand.data(), nc, nullptr, 0);
     }
   }
-  int64_t less = nb;
-  for (int64_t i = 0; i < nc; ++i) less += keys[between[i]] < kth;
-  need = k - less;
-  // Merge the entries below lo with the chosen candidates, both ascending.
-  int64_t a = 0, n = 0;
+  // The k-th key among the candidates: a histogram of (key - lo) over at most 1024 bins,
+  // then nth_element inside the one bin that holds it.
+  const uint64_t range = (hi_all ? (uint64_t(1) << 32) : uint64_t(hi)) - lo;
+  int shift = 0;
+  while ((range - 1) >> shift >= 1024) ++shift;
+  const int64_t bins = int64_t((range - 1) >> shift) + 1;
+  s.hist.assign(bins, 0);
+  const int32_t* cand = s.cand.data();
+  for (int64_t i = 0; i < nc; ++i) ++s.hist[(keys[cand[i]] - lo) >> shift];
+  int64_t want = k - 1 - nb, before = 0, bin = 0;  // want: rank among the candidates
+  while (before + s.hist[bin] <= want) before += s.hist[bin++];
+  // The next chunk's window: bin edges that hold ranks k - 1 -+ 6 standard deviations
+  // of the k-th's rank here (or this window's own bounds where the histogram ends).
+  {
+    const double q = double(k) / double(w);
+    const int64_t margin = int64_t(6.0 * std::sqrt(double(w) * q * (1.0 - q))) + 16;
+    int64_t b_lo = 0, cum = 0;
+    while (b_lo < bins && nb + cum + int64_t(s.hist[b_lo]) <= k - 1 - margin) cum += s.hist[b_lo++];
+    s.window_lo = uint32_t(lo + (uint64_t(b_lo) << shift));
+    int64_t b_hi = b_lo;
+    while (b_hi < bins && nb + cum < k + margin) cum += s.hist[b_hi++];
+    const uint64_t edge = lo + (uint64_t(b_hi) << shift);
+    s.window_hi_all = b_hi >= bins ? hi_all : false;
+    s.window_hi = b_hi >= bins ? hi : uint32_t(edge);
+    s.window_w = w, s.window_k = k;
+  }
+  s.bin_keys.clear();
   for (int64_t i = 0; i < nc; ++i) {
-    const int32_t idx = between[i];
-    const uint32_t key = keys[idx];
-    bool take = key < kth;
-    if (!take && key == kth && need > 0) {
-      take = true;
-      --need;
-    }
-    if (!take) continue;
-    while (a < nb && below[a] < idx) out[n++] = base + below[a++];
-    out[n++] = base + idx;
+    const uint32_t key = keys[cand[i]];
+    if (int64_t((key - lo) >> shift) == bin) s.bin_keys.push_back(key);
   }
-  while (a < nb) out[n++] = base + below[a++];
-  TORCH_CHECK(n == k, "select_row: selected ", n, " of ", k);
+  const int64_t at = want - before;
+  std::nth_element(s.bin_keys.begin(), s.bin_keys.begin() + at, s.bin_keys.end());
+  const uint32_t kth = s.bin_keys[at];
+  int64_t less = nb + before, equal = 0;
+  for (uint32_t key : s.bin_keys) {
+    less += key < kth;
+    equal += key == kth;
+  }
+  const int64_t need = k - less;  // entries equal to kth that are taken, lowest offset first
+  if (need == equal) {
+    emit(keys, w, kth, true, sel, s);
+    return;
+  }
+  int64_t n = 0, taken = 0;
+  for (int64_t i = 0; i < w; ++i) {  // ties split: the lower offsets win
+    const uint32_t key = keys[i];
+    if (key < kth || (key == kth && taken++ < need)) sel[n++] = int32_t(i);
+  }
 }
+
+// to[i] = from[pos[i]], or 0 where pos[i] is -1 (a new entry). from may be to only
+// when pos[i] == i everywhere (in place, unchanged chunk).
+template <typename E>
+void carry_bits(const E* from, E* to, const int32_t* __restrict pos, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t a = pos[i];
+    to[i] = a >= 0 ? from[a] : E(0);
+  }
+}
+
+// The ages: min(age + add, cap) where an entry stays, 0 where it is new.
+template <typename E>
+void carry_age(const E* from, E* to, const int32_t* __restrict pos, int64_t k, int64_t add, int64_t cap) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t a = pos[i];
+    to[i] = a >= 0 ? E(std::min(int64_t(from[a]) + add, cap)) : E(0);
+  }
+}
+
+// One tensor of a refresh, as the chunks see it.
+struct Job {
+  const void* src = nullptr;          // the values selected from (weights, or gradients)
+  at::ScalarType dtype = at::kFloat;  // their dtype
+  const int16_t* old16 = nullptr;     // the old mask: int16 chunk offsets,
+  const int32_t* old32 = nullptr;     // or int32 flat indices (or neither: nothing carried)
+  std::vector<const char*> from;      // the carried arrays, aligned with the old mask
+  std::vector<char*> to;              // and where they go, aligned with the new one
+  std::vector<int64_t> sizes;         // their element sizes (4 or 2 bytes)
+  int16_t* out16 = nullptr;           // the new mask
+  int32_t* out32 = nullptr;
+  int64_t age_add = 0;
+};
+
+// One chunk: where it lies in its tensor, its k, and where its entries go.
+struct Row {
+  int64_t job, start, width, k, out_at, old_k, old_at;
+};
 
 template <typename T>
-void select_runs(const T* src, const std::vector<int64_t>& runs, bool largest, int32_t* out) {
-  // runs: (start, width, rows, k) per run of equal chunks.
-  struct Row { int64_t start, width, k, out_at; };
-  std::vector<Row> rows;
-  int64_t at = 0;
-  for (size_t r = 0; r + 3 < runs.size(); r += 4) {
-    for (int64_t i = 0; i < runs[r + 2]; ++i) {
-      rows.push_back({runs[r] + i * runs[r + 1], runs[r + 1], runs[r + 3], at});
-      at += runs[r + 3];
-    }
+inline void keys_of(const T* x, int64_t w, uint32_t flip, uint32_t* keys) {
+  for (int64_t i = 0; i < w; ++i) keys[i] = magnitude_key(x[i]) ^ flip;
+}
+
+// The carry of one chunk: its new entries' values from the old mask's.
+void carry(const Job& job, const Row& row, const int32_t* __restrict sel, Scratch& s, int64_t age_at,
+           int64_t age_cap) {
+  // The old offsets as plain int32, with a sentinel past the end.
+  s.old_off.resize(row.old_k + 1);
+  int32_t* __restrict old_off = s.old_off.data();
+  if (job.old16) {
+    const int16_t* __restrict o = job.old16 + row.old_at;
+    for (int64_t a = 0; a < row.old_k; ++a) old_off[a] = o[a];
+  } else {
+    const int32_t* __restrict o = job.old32 + row.old_at;
+    const int32_t start = int32_t(row.start);
+    for (int64_t a = 0; a < row.old_k; ++a) old_off[a] = o[a] - start;
   }
+  old_off[row.old_k] = INT32_MAX;
+  // Both masks ascend, so one walk pairs each new entry with its old position (-1:
+  // new). Mostly the same entries stay, so the walk's branches predict well.
+  int32_t* __restrict pos = s.cand.data();  // the candidates are done with
+  bool same = row.k == row.old_k;  // this chunk's mask did not change
+  int64_t a = 0;
+  for (int64_t i = 0; i < row.k; ++i) {
+    const int32_t want = sel[i];
+    while (old_off[a] < want) ++a;
+    const bool stays = old_off[a] == want;
+    pos[i] = stays ? int32_t(a) : -1;
+    same &= stays & (a == i);
+  }
+  for (size_t t = 0; t < job.from.size(); ++t) {
+    const int64_t es = job.sizes[t];
+    const char* from = job.from[t] + row.old_at * es;
+    char* to = job.to[t] + row.out_at * es;
+    const bool age = int64_t(t) == age_at;
+    if (from == to && same && !age) continue;  // in place and unchanged: the moments stay
+    if (from == to && !same) {  // in place: the chunk's old values aside first
+      s.carried.resize(row.old_k * es);
+      std::memcpy(s.carried.data(), from, row.old_k * es);
+      from = s.carried.data();
+    }
+    if (age && es == 2) carry_age(reinterpret_cast<const int16_t*>(from), reinterpret_cast<int16_t*>(to), pos, row.k, job.age_add, age_cap);
+    else if (age) carry_age(reinterpret_cast<const int32_t*>(from), reinterpret_cast<int32_t*>(to), pos, row.k, job.age_add, age_cap);
+    else if (es == 4) carry_bits(reinterpret_cast<const uint32_t*>(from), reinterpret_cast<uint32_t*>(to), pos, row.k);
+    else carry_bits(reinterpret_cast<const uint16_t*>(from), reinterpret_cast<uint16_t*>(to), pos, row.k);
+  }
+}
+
+// The refresh of several tensors at once (every chunk of every tensor in one
+// parallel loop). Per tensor i: sources[i] (flat, contiguous), runs[i] = (start,
+// width, rows, k) per run of equal chunks, and when olds[i] is given (its old mask,
+// stored form) old_runs[i] (the same chunks with the old k) and values[i], the
+// arrays carried to the new mask (zero where an entry is new; the one at age_at, if
+// >= 0, becomes min(age + age_adds[i], age_cap)). Returns per tensor the new mask
+// (int16 chunk offsets or int32 flat indices) then the carried arrays. A tensor whose
+// chunks keep their k gets its mask and carried arrays rewritten in place.
+std::vector<std::vector<at::Tensor>> refresh(std::vector<at::Tensor> sources, std::vector<std::vector<int64_t>> runs,
+                                             bool largest, std::vector<c10::optional<at::Tensor>> olds,
+                                             std::vector<std::vector<int64_t>> old_runs,
+                                             std::vector<std::vector<at::Tensor>> values, int64_t age_at,
+                                             std::vector<int64_t> age_adds, int64_t age_cap, bool int16_out) {
+  const size_t n = sources.size();
+  TORCH_CHECK(runs.size() == n && olds.size() == n && old_runs.size() == n && values.size() == n &&
+                  age_adds.size() == n, "refresh: argument lists differ in length");
+  const at::ScalarType index_type = int16_out ? at::kShort : at::kInt;
+  std::vector<std::vector<at::Tensor>> out(n);
+  std::vector<Job> jobs(n);
+  std::vector<Row> rows;
+  for (size_t j = 0; j < n; ++j) {
+    const at::Tensor& source = sources[j];
+    const std::vector<int64_t>& run = runs[j];
+    TORCH_CHECK(source.device().is_cpu() && source.is_contiguous(), "refresh: tensor ", j,
+                " is not a contiguous CPU tensor");
+    TORCH_CHECK(source.scalar_type() == at::kFloat || source.scalar_type() == at::kBFloat16 ||
+                    source.scalar_type() == at::kHalf, "refresh: dtype ", source.scalar_type(), " is not supported");
+    TORCH_CHECK(run.size() % 4 == 0, "refresh: runs come in fours (start, width, rows, k)");
+    const at::Tensor* old = olds[j].has_value() ? &*olds[j] : nullptr;
+    TORCH_CHECK(!old || old_runs[j].size() == run.size(), "refresh: tensor ", j, ": old_runs do not match runs");
+    int64_t total = 0, old_total = 0;
+    for (size_t r = 0; r < run.size(); r += 4) {
+      TORCH_CHECK(run[r + 3] >= 1 && run[r + 3] <= run[r + 1], "refresh: k out of range");
+      TORCH_CHECK(run[r + 1] <= 32768 || !int16_out, "refresh: int16 offsets need chunks of at most 2**15");
+      TORCH_CHECK(run[r] + run[r + 1] * run[r + 2] <= source.numel(), "refresh: run beyond the tensor");
+      const int64_t old_k = old ? old_runs[j][r + 3] : 0;
+      TORCH_CHECK(!old || (old_runs[j][r] == run[r] && old_runs[j][r + 1] == run[r + 1] &&
+                           old_runs[j][r + 2] == run[r + 2] && old_k >= 0 && old_k <= run[r + 1]),
+                  "refresh: tensor ", j, ": the old mask's chunks differ from the new one's");
+      for (int64_t i = 0; i < run[r + 2]; ++i) {
+        rows.push_back({int64_t(j), run[r] + i * run[r + 1], run[r + 1], run[r + 3], total, old_k, old_total});
+        total += run[r + 3];
+        old_total += old_k;
+      }
+    }
+    Job& job = jobs[j];
+    job.src = source.data_ptr();
+    job.dtype = source.scalar_type();
+    if (old) {
+      TORCH_CHECK(old->is_contiguous() && old->numel() == old_total &&
+                      (old->scalar_type() == at::kShort || old->scalar_type() == at::kInt),
+                  "refresh: tensor ", j, ": the old mask has ", old->numel(), " entries for ", old_total);
+      if (old->scalar_type() == at::kShort) job.old16 = old->data_ptr<int16_t>();
+      else job.old32 = old->data_ptr<int32_t>();
+    } else {
+      TORCH_CHECK(values[j].empty(), "refresh: tensor ", j, ": values to carry but no old mask");
+    }
+    // With the same k in every chunk the mask and the carried arrays are rewritten in
+    // place: a refresh at an unchanged density allocates nothing.
+    const bool in_place = old && old_total == total && old_runs[j] == run;
+    out[j].push_back(in_place && old->scalar_type() == index_type
+                         ? *old : at::empty({total}, source.options().dtype(index_type)));
+    if (int16_out) job.out16 = out[j][0].data_ptr<int16_t>();
+    else job.out32 = out[j][0].data_ptr<int32_t>();
+    for (size_t t = 0; t < values[j].size(); ++t) {
+      const at::Tensor& v = values[j][t];
+      TORCH_CHECK(v.is_contiguous() && v.numel() == old_total && (v.element_size() == 4 || v.element_size() == 2),
+                  "refresh: tensor ", j, ": carried array ", t, " does not match the old mask");
+      TORCH_CHECK(int64_t(t) != age_at || v.scalar_type() == at::kShort || v.scalar_type() == at::kInt,
+                  "refresh: ages must be int16 or int32");
+      out[j].push_back(in_place ? v : at::empty({total}, v.options()));
+      job.from.push_back(static_cast<const char*>(v.data_ptr()));
+      job.to.push_back(static_cast<char*>(out[j].back().data_ptr()));
+      job.sizes.push_back(v.element_size());
+    }
+    job.age_add = age_adds[j];
+  }
+  const uint32_t flip = largest ? 0xffffffffu : 0u;
   at::parallel_for(0, int64_t(rows.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint32_t> keys, scratch;
-    std::vector<int32_t> below, between;
+    Scratch s;
     for (int64_t r = lo; r < hi; ++r) {
       const Row& row = rows[r];
-      keys.resize(row.width);
-      const T* x = src + row.start;
-      if (largest) {
-        for (int64_t i = 0; i < row.width; ++i) keys[i] = ~magnitude_key(x[i]);
-      } else {
-        for (int64_t i = 0; i < row.width; ++i) keys[i] = magnitude_key(x[i]);
+      const Job& job = jobs[row.job];
+      s.fit(row.width);
+      // What the next chunk reads, fetched while this one is selected.
+      s.next = nullptr;
+      s.next_bytes = 0;
+      s.ahead.clear();
+      s.ahead_at = 0;
+      s.ahead_line = 0;
+      if (r + 1 < hi) {
+        const Row& nrow = rows[r + 1];
+        const Job& njob = jobs[nrow.job];
+        const int64_t es = at::elementSize(njob.dtype);
+        s.next = static_cast<const char*>(njob.src) + nrow.start * es;
+        s.next_bytes = nrow.width * es;
+        if (njob.old16) s.ahead.emplace_back(reinterpret_cast<const char*>(njob.old16 + nrow.old_at), nrow.old_k * 2);
+        if (njob.old32) s.ahead.emplace_back(reinterpret_cast<const char*>(njob.old32 + nrow.old_at), nrow.old_k * 4);
+        for (size_t t = 0; t < njob.from.size(); ++t)
+          s.ahead.emplace_back(njob.from[t] + nrow.old_at * njob.sizes[t], nrow.old_k * njob.sizes[t]);
       }
-      select_row(keys.data(), row.width, row.k, int32_t(row.start), out + row.out_at, below, between, scratch);
+      uint32_t* keys = s.keys.data();
+      switch (job.dtype) {
+        case at::kFloat: keys_of(static_cast<const float*>(job.src) + row.start, row.width, flip, keys); break;
+        case at::kBFloat16: keys_of(static_cast<const at::BFloat16*>(job.src) + row.start, row.width, flip, keys); break;
+        default: keys_of(static_cast<const at::Half*>(job.src) + row.start, row.width, flip, keys); break;
+      }
+      select_row(keys, row.width, row.k, s);
+      const int32_t* sel = s.sel.data();
+      if (job.old16 || job.old32) carry(job, row, sel, s, age_at, age_cap);
+      // Written last: in place, the old mask is what the carry read.
+      if (job.out16) {
+        int16_t* __restrict o = job.out16 + row.out_at;
+        for (int64_t i = 0; i < row.k; ++i) o[i] = int16_t(sel[i]);
+      } else {
+        int32_t* __restrict o = job.out32 + row.out_at;
+        const int32_t start = int32_t(row.start);
+        for (int64_t i = 0; i < row.k; ++i) o[i] = start + sel[i];
+      }
     }
   });
-}
-
-at::Tensor select_chunks(const at::Tensor& source, std::vector<int64_t> runs, bool largest) {
-  TORCH_CHECK(source.device().is_cpu() && source.is_contiguous(), "select: source must be a contiguous CPU tensor");
-  TORCH_CHECK(runs.size() % 4 == 0, "select: runs come in fours (start, width, rows, k)");
-  int64_t total = 0;
-  for (size_t r = 0; r < runs.size(); r += 4) {
-    TORCH_CHECK(runs[r + 3] >= 1 && runs[r + 3] <= runs[r + 1], "select: k out of range");
-    TORCH_CHECK(runs[r] + runs[r + 1] * runs[r + 2] <= source.numel(), "select: run beyond the tensor");
-    total += runs[r + 2] * runs[r + 3];
-  }
-  at::Tensor out = at::empty({total}, source.options().dtype(at::kInt));
-  int32_t* o = out.data_ptr<int32_t>();
-  switch (source.scalar_type()) {
-    case at::kFloat: select_runs(source.data_ptr<float>(), runs, largest, o); break;
-    case at::kBFloat16: select_runs(source.data_ptr<at::BFloat16>(), runs, largest, o); break;
-    case at::kHalf: select_runs(source.data_ptr<at::Half>(), runs, largest, o); break;
-    default: TORCH_CHECK(false, "select: dtype ", source.scalar_type(), " is not supported");
-  }
-  return out;
-}
-
-// ----------------------------------------------------------------------------
-// Remap: values at new_idx, carried from old_idx where an index stays, zero where
-// it is new (optim._remap), for several value arrays at once. Both index lists are
-// ascending; each block of new indices finds its start in old_idx by binary search
-// and then walks both lists together.
-
-template <typename E>
-void remap_values(const int32_t* old_idx, int64_t n_old, const int32_t* new_idx, int64_t n_new,
-                  const std::vector<const E*>& src, const std::vector<E*>& dst) {
-  at::parallel_for(0, n_new, 16384, [&](int64_t lo, int64_t hi) {
-    int64_t a = std::lower_bound(old_idx, old_idx + n_old, new_idx[lo]) - old_idx;
-    for (int64_t j = lo; j < hi; ++j) {
-      const int32_t want = new_idx[j];
-      while (a < n_old && old_idx[a] < want) ++a;
-      const bool stays = a < n_old && old_idx[a] == want;
-      for (size_t t = 0; t < src.size(); ++t) dst[t][j] = stays ? src[t][a] : E(0);
-    }
-  });
-}
-
-std::vector<at::Tensor> remap_moments(const at::Tensor& old_idx, const at::Tensor& new_idx, std::vector<at::Tensor> values) {
-  TORCH_CHECK(old_idx.scalar_type() == at::kInt && new_idx.scalar_type() == at::kInt && old_idx.is_contiguous() &&
-                  new_idx.is_contiguous(), "remap: indices must be contiguous int32");
-  std::vector<at::Tensor> out;
-  for (auto& v : values) {
-    TORCH_CHECK(v.is_contiguous() && v.numel() == old_idx.numel(), "remap: a value array does not match old_idx");
-    out.push_back(at::empty({new_idx.numel()}, v.options()));
-  }
-  // Raw bit copies grouped by element size: fp32/int32 as 4 bytes, bf16/fp16/int16 as 2.
-  for (int64_t size : {4, 2}) {
-    std::vector<const uint32_t*> s4; std::vector<uint32_t*> d4;
-    std::vector<const uint16_t*> s2; std::vector<uint16_t*> d2;
-    for (size_t t = 0; t < values.size(); ++t) {
-      const int64_t es = values[t].element_size();
-      TORCH_CHECK(es == 4 || es == 2, "remap: element size ", es);
-      if (es != size) continue;
-      if (size == 4) { s4.push_back(static_cast<const uint32_t*>(values[t].data_ptr())); d4.push_back(static_cast<uint32_t*>(out[t].data_ptr())); }
-      else { s2.push_back(static_cast<const uint16_t*>(values[t].data_ptr())); d2.push_back(static_cast<uint16_t*>(out[t].data_ptr())); }
-    }
-    if (size == 4 && !s4.empty())
-      remap_values<uint32_t>(old_idx.data_ptr<int32_t>(), old_idx.numel(), new_idx.data_ptr<int32_t>(), new_idx.numel(), s4, d4);
-    if (size == 2 && !s2.empty())
-      remap_values<uint16_t>(old_idx.data_ptr<int32_t>(), old_idx.numel(), new_idx.data_ptr<int32_t>(), new_idx.numel(), s2, d2);
-  }
   return out;
 }
 
@@ -409,6 +637,5 @@ std::vector<at::Tensor> remap_moments(const at::Tensor& old_idx, const at::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "One NanoAdam step over a list of CPU tensors");
-  m.def("select", &select_chunks, "Bottom-k (or top-k) of |x| per chunk; ties to the lower index");
-  m.def("remap", &remap_moments, "Values at new indices, carried where an index stays, zero where new");
+  m.def("refresh", &refresh, "Per chunk, the k smallest (or largest) |x|, ties to the lower index; the carried values");
 }
