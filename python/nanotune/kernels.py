@@ -92,6 +92,13 @@ def _load() -> ModuleType:
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=str(build), verbose=False)
 
 
+def _reason(e: BaseException) -> str:
+    """One line on why the build failed: the compiler's first error, else the exception's first line."""
+    lines = str(e).strip().splitlines() or [""]
+    first = next((ln.strip() for ln in lines if "error:" in ln or "not found" in ln.lower()), lines[0].strip())
+    return f"{type(e).__name__}: {first[:300]}"
+
+
 def cpu() -> ModuleType | None:
     """The compiled CPU kernels, built on the first call; None when NANOTUNE_KERNELS=0
     or the build failed (``status()`` says why)."""
@@ -108,8 +115,7 @@ def cpu() -> ModuleType | None:
             try:
                 _module = _load()
             except Exception as e:  # no compiler, no ninja, a compile error: fall back, say why
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                _error = f"{type(e).__name__}: {first}"
+                _error = _reason(e)
                 if mode == "1":
                     _tried = True
                     raise RuntimeError(f"nanotune's CPU kernels did not build ({_error}); "

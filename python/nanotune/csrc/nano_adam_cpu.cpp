@@ -74,65 +74,77 @@ inline float lerp(float self, float end, float w, bool small) {
   return small ? std::fma(w, diff, self) : std::fma(-diff, 1.0f - w, end);
 }
 
+// One tensor of a step.
+struct StepJob {
+  void* p = nullptr;        // the weights (P)
+  const void* g = nullptr;  // the gradient (P): gathered at the mask, or dense
+  void* m = nullptr;        // the moments (M), one per mask entry
+  void* v = nullptr;
+  bool gathered = false;
+  at::ScalarType p_type = at::kFloat, m_type = at::kFloat;
+  Layout layout;
+  Counts counts;
+};
+
+// Entries [lo, hi) of one tensor's mask, in one pass: gather, moments, update, scatter.
 template <typename P, typename M>
-void step_tensor(P* p, const P* g, bool gathered, M* m, M* v, const Layout& L, int64_t n,
-                 const Counts& c, const Hyper& h) {
-  at::parallel_for(0, n, kBlock, [&](int64_t lo, int64_t hi) {
-    float m32[kBlock], v32[kBlock], root[kBlock];
-    for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
-      const int64_t len = std::min(kBlock, hi - b0);
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t j = b0 + i;
-        if (j + kAhead < hi) {  // the mask's entries are scattered: ask for their lines early
-          const int64_t ahead = L.flat(j + kAhead);
-          if (!gathered) __builtin_prefetch(g + ahead);
-          __builtin_prefetch(p + ahead, 1);
-        }
-        const float gj = static_cast<float>(g[gathered ? j : L.flat(j)]);
-        m32[i] = lerp(static_cast<float>(m[j]), gj, h.one_minus_beta1, h.small_weight);
-        // v.mul_(beta2).addcmul_(g, g, value=1 - beta2): (value * g) * g + v, fused.
-        v32[i] = std::fma(h.one_minus_beta2 * gj, gj, static_cast<float>(v[j]) * h.beta2);
-      }
-      at::Tensor vin = at::from_blob(v32, {len}, at::kFloat);
-      at::Tensor vout = at::from_blob(root, {len}, at::kFloat);
-      at::sqrt_out(vout, vin);
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t j = b0 + i;
-        const int64_t f = L.flat(j);
-        float theta = static_cast<float>(p[f]);
-        if (h.has_decay) theta = theta * h.decay;
-        if (c.per_entry()) {  // theta.addcdiv_(m * step_size, denom, value=-1)
-          const int64_t a = c.age(j);
-          const float denom = root[i] / c.bc2_table[a] + h.eps;
-          theta = theta + (-(m32[i] * c.step_table[a])) / denom;
-        } else {  // theta.addcdiv_(m, denom, value=-step_size)
-          const float denom = root[i] / c.bc2_sqrt + h.eps;
-          theta = theta + (-c.step_size * m32[i]) / denom;
-        }
-        p[f] = static_cast<P>(theta);
-        m[j] = static_cast<M>(m32[i]);
-        v[j] = static_cast<M>(v32[i]);
-      }
+void step_block(const StepJob& job, int64_t lo, int64_t hi, const Hyper& h) {
+  P* __restrict p = static_cast<P*>(job.p);
+  const P* __restrict g = static_cast<const P*>(job.g);
+  M* __restrict m = static_cast<M*>(job.m);
+  M* __restrict v = static_cast<M*>(job.v);
+  const Layout& L = job.layout;
+  const Counts& c = job.counts;
+  int64_t flat[kBlock];
+  float m32[kBlock], v32[kBlock], root[kBlock];
+  const int64_t len = hi - lo;
+  for (int64_t i = 0; i < len; ++i) flat[i] = L.flat(lo + i);
+  for (int64_t i = 0; i < len; ++i) {
+    if (i + kAhead < len) {  // the mask's entries are scattered: ask for their lines early
+      if (!job.gathered) __builtin_prefetch(g + flat[i + kAhead]);
+      __builtin_prefetch(p + flat[i + kAhead], 1);
     }
-  });
+    const int64_t j = lo + i;
+    const float gj = static_cast<float>(g[job.gathered ? j : flat[i]]);
+    m32[i] = lerp(static_cast<float>(m[j]), gj, h.one_minus_beta1, h.small_weight);
+    // v.mul_(beta2).addcmul_(g, g, value=1 - beta2): (value * g) * g + v, fused.
+    v32[i] = std::fma(h.one_minus_beta2 * gj, gj, static_cast<float>(v[j]) * h.beta2);
+  }
+  at::Tensor vin = at::from_blob(v32, {len}, at::kFloat);
+  at::Tensor vout = at::from_blob(root, {len}, at::kFloat);
+  at::sqrt_out(vout, vin);  // torch's own square root (see the top of this file)
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t j = lo + i;
+    float theta = static_cast<float>(p[flat[i]]);
+    if (h.has_decay) theta = theta * h.decay;
+    if (c.per_entry()) {  // theta.addcdiv_(m * step_size, denom, value=-1)
+      const int64_t a = c.age(j);
+      const float denom = root[i] / c.bc2_table[a] + h.eps;
+      theta = theta + (-(m32[i] * c.step_table[a])) / denom;
+    } else {  // theta.addcdiv_(m, denom, value=-step_size)
+      const float denom = root[i] / c.bc2_sqrt + h.eps;
+      theta = theta + (-c.step_size * m32[i]) / denom;
+    }
+    p[flat[i]] = static_cast<P>(theta);
+    m[j] = static_cast<M>(m32[i]);
+    v[j] = static_cast<M>(v32[i]);
+  }
 }
 
 template <typename P>
-void step_dispatch_m(const at::Tensor& p, const at::Tensor& g, bool gathered, const at::Tensor& m,
-                     const at::Tensor& v, const Layout& L, const Counts& c, const Hyper& h) {
-  const int64_t n = m.numel();
-  switch (m.scalar_type()) {
-    case at::kFloat:
-      return step_tensor<P, float>(p.data_ptr<P>(), g.data_ptr<P>(), gathered, m.data_ptr<float>(),
-                                   v.data_ptr<float>(), L, n, c, h);
-    case at::kBFloat16:
-      return step_tensor<P, at::BFloat16>(p.data_ptr<P>(), g.data_ptr<P>(), gathered, m.data_ptr<at::BFloat16>(),
-                                          v.data_ptr<at::BFloat16>(), L, n, c, h);
-    case at::kHalf:
-      return step_tensor<P, at::Half>(p.data_ptr<P>(), g.data_ptr<P>(), gathered, m.data_ptr<at::Half>(),
-                                      v.data_ptr<at::Half>(), L, n, c, h);
-    default:
-      TORCH_CHECK(false, "nano_adam_step: moments of dtype ", m.scalar_type(), " are not supported");
+void step_block_m(const StepJob& job, int64_t lo, int64_t hi, const Hyper& h) {
+  switch (job.m_type) {
+    case at::kFloat: return step_block<P, float>(job, lo, hi, h);
+    case at::kBFloat16: return step_block<P, at::BFloat16>(job, lo, hi, h);
+    default: return step_block<P, at::Half>(job, lo, hi, h);
+  }
+}
+
+void step_block_any(const StepJob& job, int64_t lo, int64_t hi, const Hyper& h) {
+  switch (job.p_type) {
+    case at::kFloat: return step_block_m<float>(job, lo, hi, h);
+    case at::kBFloat16: return step_block_m<at::BFloat16>(job, lo, hi, h);
+    default: return step_block_m<at::Half>(job, lo, hi, h);
   }
 }
 
@@ -159,6 +171,9 @@ void step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
   h.eps = static_cast<float>(eps);
   h.decay = static_cast<float>(decay);
   h.has_decay = decay != 1.0;
+  std::vector<StepJob> jobs(count);
+  struct Block { int64_t job, lo, hi; };
+  std::vector<Block> blocks;
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -169,7 +184,8 @@ void step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
     TORCH_CHECK(g.scalar_type() == p.scalar_type(), "nano_adam_step: tensor ", i, " has a gradient of dtype ",
                 g.scalar_type(), " for a parameter of dtype ", p.scalar_type());
     TORCH_CHECK(m.scalar_type() == v.scalar_type() && m.numel() == v.numel(), "nano_adam_step: moments differ");
-    Layout L;
+    StepJob& job = jobs[i];
+    Layout& L = job.layout;
     if (idxs[i].has_value()) {
       const at::Tensor& idx = *idxs[i];
       TORCH_CHECK(idx.numel() == m.numel(), "nano_adam_step: tensor ", i, " has ", idx.numel(),
@@ -190,7 +206,7 @@ void step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
     const bool gathered = (L.off16 || L.idx32) && g.numel() == m.numel();
     TORCH_CHECK(gathered || g.numel() == p.numel(), "nano_adam_step: tensor ", i, " has a gradient of ",
                 g.numel(), " entries");
-    Counts c;
+    Counts& c = job.counts;
     if (ages[i].has_value()) {
       const at::Tensor& age = *ages[i];
       TORCH_CHECK(age.numel() == m.numel() && step_table.has_value() && bc2_table.has_value(),
@@ -205,13 +221,23 @@ void step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
       c.step_size = static_cast<float>(step_sizes[i]);
       c.bc2_sqrt = static_cast<float>(bc2s[i]);
     }
-    switch (p.scalar_type()) {
-      case at::kFloat: step_dispatch_m<float>(p, g, gathered, m, v, L, c, h); break;
-      case at::kBFloat16: step_dispatch_m<at::BFloat16>(p, g, gathered, m, v, L, c, h); break;
-      case at::kHalf: step_dispatch_m<at::Half>(p, g, gathered, m, v, L, c, h); break;
-      default: TORCH_CHECK(false, "nano_adam_step: parameters of dtype ", p.scalar_type(), " are not supported");
-    }
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf,
+                "nano_adam_step: parameters of dtype ", p.scalar_type(), " are not supported");
+    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf,
+                "nano_adam_step: moments of dtype ", m.scalar_type(), " are not supported");
+    job.p = p.data_ptr();
+    job.g = g.data_ptr();
+    job.m = m.data_ptr();
+    job.v = v.data_ptr();
+    job.gathered = gathered;
+    job.p_type = p.scalar_type();
+    job.m_type = m.scalar_type();
+    for (int64_t lo = 0; lo < m.numel(); lo += kBlock) blocks.push_back({int64_t(i), lo, std::min(m.numel(), lo + kBlock)});
   }
+  // Every block of every tensor in one parallel loop (one fork for the whole step).
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) step_block_any(jobs[blocks[b].job], blocks[b].lo, blocks[b].hi, h);
+  });
 }
 
 // ----------------------------------------------------------------------------
@@ -239,6 +265,15 @@ inline uint32_t magnitude_key(T x) {
   return bits & 0x7fffffffu;
 }
 
+// A chunk's keys: (bits & mask) ^ flip. fp32 weights are read as they lie (mask drops
+// the sign, flip complements for the largest entries); other dtypes are converted to
+// keys first (mask and flip then leave them as they are).
+struct Keys {
+  const uint32_t* bits;
+  uint32_t mask, flip;
+  inline uint32_t operator[](int64_t i) const { return (bits[i] & mask) ^ flip; }
+};
+
 // Thread-local working memory, sized for one chunk.
 struct Scratch {
   std::vector<uint32_t> keys, sample, bin_keys;
@@ -254,21 +289,6 @@ struct Scratch {
   // The next chunk's bytes, fetched into L2 while this one is selected.
   const char* next = nullptr;
   int64_t next_bytes = 0;
-  // The next chunk's old mask and carried values, fetched a line at a time by emit().
-  std::vector<std::pair<const char*, int64_t>> ahead;
-  size_t ahead_at = 0;
-  int64_t ahead_line = 0;
-  inline void fetch_one() {
-    while (ahead_at < ahead.size()) {
-      if (ahead_line < ahead[ahead_at].second) {
-        __builtin_prefetch(ahead[ahead_at].first + ahead_line, 0, 2);
-        ahead_line += 64;
-        return;
-      }
-      ++ahead_at;
-      ahead_line = 0;
-    }
-  }
   void fit(int64_t w) {
     if (int64_t(keys.size()) < w + 16) {
       keys.resize(w + 16);
@@ -279,17 +299,18 @@ struct Scratch {
 };
 
 // Counts keys < lo and collects the offsets of keys in [lo, hi) (hi_all: no upper bound).
-inline int64_t collect(const uint32_t* keys, int64_t w, uint32_t lo, uint32_t hi, bool hi_all, int32_t* cand,
+inline int64_t collect(const Keys& keys, int64_t w, uint32_t lo, uint32_t hi, bool hi_all, int32_t* cand,
                        int64_t& nc, const char* next, int64_t next_bytes) {
   int64_t nb = 0, i = 0;
   nc = 0;
 #if defined(__AVX512F__)
   const __m512i vlo = _mm512_set1_epi32(int32_t(lo)), vhi = _mm512_set1_epi32(int32_t(hi));
+  const __m512i vmask = _mm512_set1_epi32(int32_t(keys.mask)), vflip = _mm512_set1_epi32(int32_t(keys.flip));
   const __m512i step = _mm512_set1_epi32(16);
   __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; i + 16 <= w; i += 16, iv = _mm512_add_epi32(iv, step)) {
     if (i * 4 < next_bytes) __builtin_prefetch(next + i * 4, 0, 2);  // one line of the next chunk per 16 keys
-    const __m512i kv = _mm512_loadu_si512(keys + i);
+    const __m512i kv = _mm512_xor_si512(_mm512_and_si512(_mm512_loadu_si512(keys.bits + i), vmask), vflip);
     const __mmask16 below = _mm512_cmplt_epu32_mask(kv, vlo);
     const __mmask16 under = hi_all ? __mmask16(0xffff) : _mm512_cmplt_epu32_mask(kv, vhi);
     const __mmask16 between = under & __mmask16(~below);
@@ -308,15 +329,15 @@ inline int64_t collect(const uint32_t* keys, int64_t w, uint32_t lo, uint32_t hi
 }
 
 // Writes the offsets of keys < kth, then (inclusive) also == kth, ascending; returns the count.
-inline int64_t emit(const uint32_t* keys, int64_t w, uint32_t kth, bool inclusive, int32_t* out, Scratch& s) {
+inline int64_t emit(const Keys& keys, int64_t w, uint32_t kth, bool inclusive, int32_t* out) {
   int64_t n = 0, i = 0;
 #if defined(__AVX512F__)
   const __m512i vk = _mm512_set1_epi32(int32_t(kth));
+  const __m512i vmask = _mm512_set1_epi32(int32_t(keys.mask)), vflip = _mm512_set1_epi32(int32_t(keys.flip));
   const __m512i step = _mm512_set1_epi32(16);
   __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; i + 16 <= w; i += 16, iv = _mm512_add_epi32(iv, step)) {
-    s.fetch_one();
-    const __m512i kv = _mm512_loadu_si512(keys + i);
+    const __m512i kv = _mm512_xor_si512(_mm512_and_si512(_mm512_loadu_si512(keys.bits + i), vmask), vflip);
     const __mmask16 take = inclusive ? _mm512_cmple_epu32_mask(kv, vk) : _mm512_cmplt_epu32_mask(kv, vk);
     _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(take, iv));
     n += __builtin_popcount(take);
@@ -330,7 +351,7 @@ inline int64_t emit(const uint32_t* keys, int64_t w, uint32_t kth, bool inclusiv
 }
 
 // The k smallest of keys[0..w) (key, then offset), ascending by offset, into s.sel.
-void select_row(const uint32_t* keys, int64_t w, int64_t k, Scratch& s) {
+void select_row(const Keys& keys, int64_t w, int64_t k, Scratch& s) {
   int32_t* sel = s.sel.data();
   if (k >= w) {
     for (int64_t i = 0; i < w; ++i) sel[i] = int32_t(i);
@@ -411,7 +432,7 @@ void select_row(const uint32_t* keys, int64_t w, int64_t k, Scratch& s) {
   }
   const int64_t need = k - less;  // entries equal to kth that are taken, lowest offset first
   if (need == equal) {
-    emit(keys, w, kth, true, sel, s);
+    emit(keys, w, kth, true, sel);
     return;
   }
   int64_t n = 0, taken = 0;
@@ -428,6 +449,30 @@ void carry_bits(const E* from, E* to, const int32_t* __restrict pos, int64_t k) 
   for (int64_t i = 0; i < k; ++i) {
     const int32_t a = pos[i];
     to[i] = a >= 0 ? from[a] : E(0);
+  }
+}
+
+// Both moments (E: their bits) and the int16 ages in one pass (carry_bits, carry_age).
+template <typename E>
+void carry_state(const char* const* from, char* const* to, const int32_t* __restrict pos, int64_t k, int64_t add,
+                 int64_t cap) {
+  const E* __restrict m0 = reinterpret_cast<const E*>(from[0]);
+  const E* __restrict v0 = reinterpret_cast<const E*>(from[1]);
+  const int16_t* __restrict age0 = reinterpret_cast<const int16_t*>(from[2]);
+  E* __restrict m1 = reinterpret_cast<E*>(to[0]);
+  E* __restrict v1 = reinterpret_cast<E*>(to[1]);
+  int16_t* __restrict age1 = reinterpret_cast<int16_t*>(to[2]);
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t a = pos[i];
+    if (a >= 0) {
+      m1[i] = m0[a];
+      v1[i] = v0[a];
+      age1[i] = int16_t(std::min(int64_t(age0[a]) + add, cap));
+    } else {
+      m1[i] = E(0);
+      v1[i] = E(0);
+      age1[i] = 0;
+    }
   }
 }
 
@@ -479,19 +524,40 @@ void carry(const Job& job, const Row& row, const int32_t* __restrict sel, Scratc
     for (int64_t a = 0; a < row.old_k; ++a) old_off[a] = o[a] - start;
   }
   old_off[row.old_k] = INT32_MAX;
-  // Both masks ascend, so one walk pairs each new entry with its old position (-1:
-  // new). Mostly the same entries stay, so the walk's branches predict well.
+  // Both masks ascend: one branch-free merge pairs each new entry with its old
+  // position (-1: new). A step writes pos[i] for the smaller head and advances it;
+  // equal heads pair up. The sentinel ends the old list.
   int32_t* __restrict pos = s.cand.data();  // the candidates are done with
-  bool same = row.k == row.old_k;  // this chunk's mask did not change
-  int64_t a = 0;
-  for (int64_t i = 0; i < row.k; ++i) {
-    const int32_t want = sel[i];
-    while (old_off[a] < want) ++a;
-    const bool stays = old_off[a] == want;
-    pos[i] = stays ? int32_t(a) : -1;
-    same &= stays & (a == i);
+  int64_t i = 0, a = 0, paired_in_place = 0;
+  while (i < row.k) {
+    const int32_t want = sel[i], have = old_off[a];
+    pos[i] = have == want ? int32_t(a) : -1;
+    paired_in_place += (have == want) & (a == i);
+    i += want <= have;
+    a += have <= want;
   }
-  for (size_t t = 0; t < job.from.size(); ++t) {
+  const bool same = row.k == row.old_k && paired_in_place == row.k;  // this chunk's mask did not change
+  // The usual state, moments of one size and int16 ages: one loop moves all three.
+  const size_t n_values = job.from.size();
+  if (!same && n_values == 3 && age_at == 2 && job.sizes[0] == job.sizes[1] && job.sizes[2] == 2) {
+    const char* from[3];
+    char* to[3];
+    s.carried.resize(row.old_k * (2 * job.sizes[0] + 2));
+    char* saved = s.carried.data();
+    for (int t = 0; t < 3; ++t) {  // in place: the chunk's old values aside first
+      from[t] = job.from[t] + row.old_at * job.sizes[t];
+      to[t] = job.to[t] + row.out_at * job.sizes[t];
+      if (from[t] == to[t]) {
+        std::memcpy(saved, from[t], row.old_k * job.sizes[t]);
+        from[t] = saved;
+        saved += row.old_k * job.sizes[t];
+      }
+    }
+    if (job.sizes[0] == 4) carry_state<uint32_t>(from, to, pos, row.k, job.age_add, age_cap);
+    else carry_state<uint16_t>(from, to, pos, row.k, job.age_add, age_cap);
+    return;
+  }
+  for (size_t t = 0; t < n_values; ++t) {
     const int64_t es = job.sizes[t];
     const char* from = job.from[t] + row.old_at * es;
     char* to = job.to[t] + row.out_at * es;
@@ -596,25 +662,18 @@ std::vector<std::vector<at::Tensor>> refresh(std::vector<at::Tensor> sources, st
       // What the next chunk reads, fetched while this one is selected.
       s.next = nullptr;
       s.next_bytes = 0;
-      s.ahead.clear();
-      s.ahead_at = 0;
-      s.ahead_line = 0;
       if (r + 1 < hi) {
         const Row& nrow = rows[r + 1];
         const Job& njob = jobs[nrow.job];
         const int64_t es = at::elementSize(njob.dtype);
         s.next = static_cast<const char*>(njob.src) + nrow.start * es;
         s.next_bytes = nrow.width * es;
-        if (njob.old16) s.ahead.emplace_back(reinterpret_cast<const char*>(njob.old16 + nrow.old_at), nrow.old_k * 2);
-        if (njob.old32) s.ahead.emplace_back(reinterpret_cast<const char*>(njob.old32 + nrow.old_at), nrow.old_k * 4);
-        for (size_t t = 0; t < njob.from.size(); ++t)
-          s.ahead.emplace_back(njob.from[t] + nrow.old_at * njob.sizes[t], nrow.old_k * njob.sizes[t]);
       }
-      uint32_t* keys = s.keys.data();
+      Keys keys{s.keys.data(), 0xffffffffu, 0u};
       switch (job.dtype) {
-        case at::kFloat: keys_of(static_cast<const float*>(job.src) + row.start, row.width, flip, keys); break;
-        case at::kBFloat16: keys_of(static_cast<const at::BFloat16*>(job.src) + row.start, row.width, flip, keys); break;
-        default: keys_of(static_cast<const at::Half*>(job.src) + row.start, row.width, flip, keys); break;
+        case at::kFloat: keys = {static_cast<const uint32_t*>(job.src) + row.start, 0x7fffffffu, flip}; break;
+        case at::kBFloat16: keys_of(static_cast<const at::BFloat16*>(job.src) + row.start, row.width, flip, s.keys.data()); break;
+        default: keys_of(static_cast<const at::Half*>(job.src) + row.start, row.width, flip, s.keys.data()); break;
       }
       select_row(keys, row.width, row.k, s);
       const int32_t* sel = s.sel.data();
