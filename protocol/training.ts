@@ -64,6 +64,7 @@ export const OptimizerConfig = z.strictObject({
   momentsDtype: z.enum(["float32", "bfloat16"]).optional(),
   indexDtype: z.enum(["int16", "int32"]).optional(),
   sparseGradients: z.boolean().optional(),
+  fused: z.boolean().optional().describe("NanoAdam's compiled CPU kernels for the step, the selection and the moment carry (unset: used for CPU tensors when they build; true: required, an error where they cannot run; false: the torch-op paths). The same results either way"),
   chunkSize: int().min(1).optional().describe("entries per selection chunk (default 32768 = 2**15; at most 2**15 with int16 indices); under FSDP, one that divides every shard's size makes the shard-local masks the single-device ones (Note [shard-local masks])"),
   dense: z.array(z.string()).optional().describe("patterns of dense tensors (default lm_head, norm)"),
   tied: z.enum(["sparse", "dense"]).optional(),

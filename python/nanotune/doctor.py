@@ -78,6 +78,26 @@ def _torch_info() -> dict | None:
     return info
 
 
+def _kernels() -> dict | None:
+    """NanoAdam's compiled CPU kernels: built already (the library's path), the compiler
+    a build would use, whether NANOTUNE_KERNELS turns them off. Nothing is built here."""
+    try:
+        from nanotune import kernels
+    except Exception:  # torch missing: reported elsewhere
+        return None
+    import shutil
+
+    try:
+        path = kernels.built()
+    except Exception:
+        path = None
+    return {
+        "built": path,
+        "compiler": shutil.which(os.environ.get("CXX", "c++")),
+        "mode": os.environ.get("NANOTUNE_KERNELS", "auto"),
+    }
+
+
 def _protocol_version() -> int | None:
     """The sidecar's PROTOCOL_VERSION, read without importing its dependencies if need be."""
     try:
@@ -120,6 +140,7 @@ def report() -> dict:
         "protocol": _protocol_version(),
         "torch": _torch_info() if modules["torch"]["error"] is None else None,
         "transformers": modules["transformers"]["version"],
+        "kernels": _kernels() if modules["torch"]["error"] is None else None,
         "modules": modules,
         "missing": missing,
     }

@@ -1,11 +1,13 @@
 """Compiled CPU kernels for NanoAdam: the sparse step, the per-chunk selection and
 the moment remap (csrc/nano_adam_cpu.cpp; Note [CPU kernels] in optim.py).
 
-Built with torch.utils.cpp_extension on first use (about 20 s with a C++ compiler
-and ninja), then loaded from $NANOTUNE_CACHE/kernels (default
-~/.cache/nanotune/kernels), keyed by the source, torch's version and the flags.
-Where no compiler is found or the build fails, ``cpu()`` returns None and says why
-once; NanoAdam then runs its torch-op paths, which give the same bits, slower.
+Built with torch.utils.cpp_extension (about 20 s with a C++ compiler and ninja) by
+`npm start` / `npm test` / `npx nanotune setup`, or else on first use, and cached
+where torch caches extensions ($TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), under a name keyed by the source, torch's version and
+the flags, so every process and every NANOTUNE_CACHE shares one build. Where no
+compiler is found or the build fails, ``cpu()`` returns None and says why once;
+NanoAdam then runs its torch-op paths, which give the same bits, slower.
 
 NANOTUNE_KERNELS: ``auto`` (default) builds on first use and falls back quietly
 but for one warning; ``0`` never builds (torch-op paths only); ``1`` raises when
@@ -25,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["cpu", "status", "SOURCE"]
+__all__ = ["SOURCE", "built", "cpu", "status"]
 
 SOURCE = Path(__file__).parent / "csrc" / "nano_adam_cpu.cpp"
 
@@ -61,12 +63,6 @@ def _flags() -> list[str]:
     return flags
 
 
-def _build_dir(name: str) -> Path:
-    from .models import cache_dir  # one cache root for presets and kernels
-
-    return cache_dir() / "kernels" / name
-
-
 def _ensure_ninja() -> None:
     # torch's builder runs `ninja` from PATH; the `ninja` wheel puts it next to the
     # interpreter, which is not on PATH when the sidecar runs .venv/bin/python directly.
@@ -79,17 +75,45 @@ def _ensure_ninja() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _name(flags: list[str]) -> str:
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode())
+    return f"nanotune_cpu_{key.hexdigest()[:16]}"
+
+
+def _build_dir(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory  # where load() builds and looks
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
 def _load() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     flags = _flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode())
-    name = f"nanotune_cpu_{key.hexdigest()[:16]}"
+    name = _name(flags)
     build = _build_dir(name)
-    build.mkdir(parents=True, exist_ok=True)
+    # The source is built from a copy in the build directory: the name already keys its
+    # content, and one path for every install (a checkout, site-packages) keeps ninja
+    # from rebuilding each time another install loads it.
+    source = build / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not source.exists() or source.read_bytes() != text:
+        tmp = build / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_bytes(text)
+        os.replace(tmp, source)
     _ensure_ninja()
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=str(build), verbose=False)
+    return load(name=name, sources=[str(source)], extra_cflags=flags, build_directory=str(build),
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
+
+
+def built() -> str | None:
+    """The cached library when it is built already (nothing is built here), else None."""
+    name = _name(_flags())
+    try:
+        path = _build_dir(name) / f"{name}.so"
+    except Exception:  # an unwritable cache: not built
+        return None
+    return str(path) if path.exists() else None
 
 
 def _reason(e: BaseException) -> str:

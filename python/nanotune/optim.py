@@ -117,7 +117,8 @@ def nanoadam_param_groups(
 # --------------------------------------------------------------------------- #
 
 
-def _chunk_count(numel: int, density: float, chunk_size: int) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=4096)  # the same few shapes every step
+def _chunk_count(numel: int, density: float, chunk_size: int) -> tuple[tuple[int, int, int], ...]:
     """(start, length, k) per run of chunks with the same k: full chunks, then the tail.
 
     k per chunk = round(density * length), at least 1, at most length (so a
@@ -132,16 +133,17 @@ def _chunk_count(numel: int, density: float, chunk_size: int) -> list[tuple[int,
         runs.append((0, n_full * chunk_size, k_of(chunk_size)))
     if tail:
         runs.append((n_full * chunk_size, tail, k_of(tail)))
-    return runs
+    return tuple(runs)
 
 
-def _runs(numel: int, density: float, chunk_size: int) -> list[int]:
+@functools.lru_cache(maxsize=4096)
+def _runs(numel: int, density: float, chunk_size: int) -> tuple[int, ...]:
     """The chunks as the CPU kernels take them: (start, width, rows, k) per run, flat."""
     out = []
     for start, length, k in _chunk_count(numel, density, chunk_size):
         width = min(length, chunk_size)
         out += [start, width, length // width, k]
-    return out
+    return tuple(out)
 
 
 def selected_count(numel: int, density: float, chunk_size: int = CHUNK_SIZE) -> int:
@@ -197,8 +199,7 @@ def select_mask(
     flat = source.detach().reshape(-1)
     kernel = _cpu_kernels(fused, [flat]) if criterion != "random" and flat.dtype in _KERNEL_DTYPES else None
     if fused and criterion != "random" and kernel is None:
-        raise ValueError(f"select_mask(fused=True) needs the CPU kernels and a contiguous CPU tensor "
-                         f"({_kernels_reason(flat)}); criterion {criterion!r}")
+        raise ValueError(f"Invalid fused=True: {_kernels_reason(flat)}")
     if kernel is not None:
         return kernel.refresh([flat], [_runs(numel, density, chunk_size)], criterion != "small_weights",
                               [None], [[]], [[]], -1, [0], 0, False)[0][0]
@@ -494,12 +495,14 @@ def _cpu_kernels(fused: bool | None, tensors: Sequence[Tensor]):
 def _kernels_reason(t: Tensor) -> str:
     """Why the CPU kernels do not take ``t``, for error messages."""
     if t.device.type != "cpu":
-        return f"the tensor is on {t.device}"
+        return f"nanotune's CPU kernels run on CPU tensors, not {t.device} (there the foreach path runs)"
     if not t.is_contiguous():
-        return "the tensor is not contiguous"
+        return "nanotune's CPU kernels need contiguous tensors"
+    if t.dtype not in _KERNEL_DTYPES:
+        return f"nanotune's CPU kernels take float32, bfloat16 and float16, not {t.dtype}"
     from . import kernels
 
-    return f"the kernels did not load: {kernels.status()['reason']}"
+    return f"nanotune's CPU kernels did not load ({kernels.status()['reason']})"
 
 
 def _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1, beta2, eps,
@@ -510,7 +513,7 @@ def _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, b
     args: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "idx", "layout", "ss", "bc2", "age", "since")}
     kernel = _cpu_kernels(True, [])
     for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
-        p_, g_ = p.detach(), g.detach()
+        p_, g_ = p, g  # the kernel writes through data pointers: no autograd to step around
         stored = idx[0] if isinstance(idx, tuple) else idx
         if (kernel is None or p_.device.type != "cpu" or g_.dtype != p_.dtype or p_.dtype not in _KERNEL_DTYPES
                 or m.dtype not in _KERNEL_DTYPES or not (p_.is_contiguous() and g_.is_contiguous()
@@ -695,6 +698,20 @@ class NanoAdam(Optimizer):
     its gradients already arrive sharded, reduce-scattered to 1/world of the
     tensor.
 
+    Note [CPU kernels]: on the CPU the step, the selection and the moment carry
+    run compiled kernels (csrc/nano_adam_cpu.cpp, built and cached by
+    nanotune.kernels; ``fused``): one parallel pass per block of mask entries for
+    the step (gather, moments, scatter); per chunk, bottom-k by selection (a
+    sample or the previous chunk's window bounds the k-th key, one pass collects
+    the few keys between the bounds, a histogram of them finds it) and one
+    branch-free merge to carry moments and ages, in place when the density is
+    unchanged; every due tensor of a group in one call. They compute the torch-op
+    path's fp32 operations in its order (fusing the multiply-adds torch's own
+    kernels fuse, taking the square root from torch), so every result is bit for
+    bit the reference's (tests/python/test_optim_kernels.py). Tensors they do not
+    take (CUDA, non-contiguous, other dtypes, the "random" criterion) run the
+    torch-op paths; so does everything when no compiler is found.
+
     Note [sparse gradients]: with ``sparse_gradients=True`` each sparse tensor's
     gradient is gathered at its mask as soon as backward has accumulated it
     (``register_post_accumulate_grad_hook``) and the dense gradient is freed, so
@@ -782,6 +799,11 @@ class NanoAdam(Optimizer):
         # Read by add_param_group, which super().__init__ calls: not a group default.
         self._dense_bias_correction = bool(dense_bias_correction)
         super().__init__(params, defaults)
+        if fused:  # fail at construction, not at the first step
+            first = next((_local(p) for g in self.param_groups for p in g["params"]), None)
+            if first is not None and _cpu_kernels(True, [first.detach()]) is None:
+                raise ValueError(f"Invalid fused=True: {_kernels_reason(first)}; fused=None falls back to "
+                                 "the torch-op paths")
         self.sparse_gradients = sparse_gradients
         # Gradients gathered at the mask in sparse-gradient mode, per tensor ((k,), grad dtype).
         # Not optimizer state: consumed by step(), never saved.
@@ -1162,13 +1184,14 @@ class NanoAdam(Optimizer):
             params, grads, ms, vs, idxs, steps = [], [], [], [], [], []
             offset = self._param_offset(group)
             fused = self._fused(group)
+            steps_of: dict[Tensor, int] = {}  # each sparse tensor's step count, read once
             if group["sparse"]:  # the masks due, refreshed together (one kernel call)
                 due = []
                 for i, p in enumerate(group["params"]):
                     if p.grad is None and p not in self._sparse_grads:
                         continue
                     state = self._init_state(group, p)
-                    t = int(state["step"])
+                    t = steps_of[p] = int(state["step"])
                     frozen = state.get("density_override") == 0 and state.get("density") == 0
                     if not frozen and self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
                         due.append((p, offset + i, t, p.grad))
@@ -1183,12 +1206,10 @@ class NanoAdam(Optimizer):
                     raise RuntimeError("NanoAdam does not support torch sparse gradients")
                 state = self._init_state(group, p)
                 if group["sparse"]:
-                    t = int(state["step"])
+                    t = steps_of[p]
                     if state.get("density_override") == 0 and state.get("density") == 0:
                         p.grad = None  # frozen: nothing to update
                         continue
-                    if self._refresh_due(group, state, t) and state.get("refreshed_at") != t:
-                        self._refresh(group, p, offset + i, t, p.grad)
                     refreshed = refreshed or state["refreshed_at"] == t
                     if fused:  # the kernel reads the stored mask, and gathers a dense gradient itself
                         idx = state["idx"]
@@ -1213,7 +1234,7 @@ class NanoAdam(Optimizer):
                 grads.append(g)
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
-                steps.append(self._correction_steps(group, state) if group["sparse"] else state["step"])
+                steps.append(self._correction_steps(group, state, t + 1) if group["sparse"] else state["step"])
             if not params:
                 continue
             foreach = group["foreach"]
@@ -1236,17 +1257,17 @@ class NanoAdam(Optimizer):
         if _cpu_kernels(fused, [first]) is not None:
             return True
         if fused:
-            raise ValueError(f"fused=True needs nanotune's CPU kernels: {_kernels_reason(first)}; "
-                             "use fused=None to fall back to the torch-op paths")
+            raise ValueError(f"Invalid fused=True: {_kernels_reason(first)}; fused=None falls back to "
+                             "the torch-op paths")
         return False
 
     @staticmethod
-    def _correction_steps(group, state) -> Tensor | int | tuple[Tensor, int]:
+    def _correction_steps(group, state, step: int) -> Tensor | int | tuple[Tensor, int]:
         """The count a sparse tensor's bias correction uses this step (Note [bias correction]):
         each entry's age under "carry", the steps since the refresh under "reset"."""
         if not group["bias_correction"]:
             return state["step"]  # unused
-        since = int(state["step"]) - state.get("refreshed_at", 0)
+        since = step - state.get("refreshed_at", 0)  # step: the tensor's step count, already incremented
         if "age" in state:
             return state["age"], since  # nano_adam adds them up (the kernel, entry by entry)
         if group["moments_on_refresh"] == "reset":

@@ -245,7 +245,7 @@ class Session:
     # NanoAdam's options that AdamW does not take (the schema has one params shape for both).
     _NANOADAM_ONLY = ("density", "mask_interval", "density_interval", "final_density", "total_steps", "criterion",
                       "moments_on_refresh", "bias_correction", "moments_dtype", "index_dtype", "sparse_gradients",
-                      "chunk_size", "dense", "tied", "seed")
+                      "chunk_size", "dense", "tied", "seed", "fused")
 
     def create_optimizer(self, p: CreateOptimizerParams | OptimizerConfig | None = None, /,
                          **fields: Any) -> CreateOptimizerResult:

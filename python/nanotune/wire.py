@@ -174,6 +174,7 @@ class OptimizerConfig(Model, kw_only=True):
     moments_dtype: Literal["float32", "bfloat16"] | None = msgspec.field(default=None, name="momentsDtype")
     index_dtype: Literal["int16", "int32"] | None = msgspec.field(default=None, name="indexDtype")
     sparse_gradients: bool | None = msgspec.field(default=None, name="sparseGradients")
+    fused: bool | None = None  # NanoAdam's compiled CPU kernels for the step, the selection and the moment carry (unset: used for CPU tensors when they build; true: required, an error where they cannot run; false: the torch-op paths). The same results either way
     chunk_size: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="chunkSize")  # entries per selection chunk (default 32768 = 2**15; at most 2**15 with int16 indices); under FSDP, one that divides every shard's size makes the shard-local masks the single-device ones (Note [shard-local masks])
     dense: list[str] | None = None  # patterns of dense tensors (default lm_head, norm)
     tied: Literal["sparse", "dense"] | None = None

@@ -41,3 +41,19 @@ def test_gpu_wire_small_drives_a_real_sidecar_through_training_and_a_checkpoint(
         assert "error" not in rows[name], rows[name]
         assert len(rows[name]["losses"]) == 2 and rows[name]["save_s"] > 0 and rows[name]["step_s"] > 0
     assert rows["nanoadam-sparse"]["state_bytes"] < 0.5 * rows["adamw"]["state_bytes"]
+
+
+def test_optimizer_bench_small_prints_ratios_to_adamw_and_to_the_bandwidth_floor():
+    """bench/optimizer.py (npm run bench:optimizer) on a tiny model: every column is there."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "optimizer.py"), "--small", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "memory bandwidth (best of STREAM copy/add, measured now):" in r.stdout
+    assert "NanoAdam's default path: compiled CPU kernels" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith(("1.00%", "10.00%"))]
+    assert [(row[0], " ".join(row[1:-10])) for row in rows] == [
+        ("1.00%", "default"), ("1.00%", "torch ops"), ("10.00%", "default"), ("10.00%", "torch ops")]
+    for row in rows:
+        step_ms, step_floor, refresh_ms, refresh_floor = map(float, (row[-10], row[-7], row[-6], row[-3]))
+        assert step_ms > 0 and step_floor > 0 and refresh_ms > 0 and refresh_floor > 0
+    assert sum(line.startswith("target ") for line in r.stdout.splitlines()) == 3

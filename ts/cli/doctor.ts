@@ -17,6 +17,8 @@ interface Report {
     mps: boolean;
   } | null;
   transformers: string | null;
+  /** NanoAdam's compiled CPU kernels (python/nanotune/kernels.py); null without torch. */
+  kernels?: { built: string | null; compiler: string | null; mode: string } | null;
   modules: Record<string, { version: string | null; error: string | null }>;
   missing: { module: string; requirement: string; error: string }[];
 }
@@ -71,6 +73,14 @@ export async function doctorCommand(): Promise<number> {
     }
   }
   row("transformers", report.transformers ?? "missing");
+  const k = report.kernels;
+  if (k) {
+    // Not a problem when missing: NanoAdam then runs its torch-op paths (same results, slower).
+    if (k.mode === "0") row("CPU kernels", "off (NANOTUNE_KERNELS=0): NanoAdam runs its torch-op paths on the CPU");
+    else if (k.built) row("CPU kernels", `built (${k.built})`);
+    else if (k.compiler) row("CPU kernels", `not built yet: the first CPU NanoAdam step builds them with ${k.compiler} (about 20 s), or run npx nanotune setup`);
+    else row("CPU kernels", "no C++ compiler found: NanoAdam runs its torch-op paths on the CPU (same results, slower)");
+  }
   for (const [name, m] of Object.entries(report.modules)) {
     if (name !== "torch" && name !== "transformers") row(name, m.version ?? "missing");
   }

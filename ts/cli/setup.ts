@@ -90,6 +90,12 @@ export async function setupCommand(options: SetupOptions = {}): Promise<void> {
     rmSync(src, { recursive: true, force: true });
   }
 
+  // NanoAdam's compiled CPU kernels, built now rather than in the first CPU training
+  // step (about 20 s; cached by torch). Not fatal: without a compiler the sidecar runs
+  // its torch-op paths, and `python -m nanotune.kernels` says why.
+  say("building NanoAdam's CPU kernels (once; needs a C++ compiler, else the torch-op paths run)");
+  await run("building the CPU kernels", env.python, ["-m", "nanotune.kernels"]);
+
   writeFileSync(env.stampPath, `${JSON.stringify(want, null, 2)}\n`);
   say(`done: ${env.python}`);
   say("Sidecar.start() and the CLI use it from now on; `npx nanotune doctor` checks it");

@@ -76,3 +76,19 @@ if (process.env.NANOTUNE_PYTHON) {
     run(pythonExecutable(), [...pip, "-e", ".[dev,peers]"], "sidecar package");
   });
 }
+
+// NanoAdam's compiled CPU kernels (nanotune.kernels), built once here rather than in
+// the first CPU training step; cached by torch ($TORCH_EXTENSIONS_DIR). A failed build
+// is not fatal: the sidecar then runs its torch-op paths and says why.
+ensure(
+  "node_modules/.nanotune-kernels-stamp",
+  stampOf(["python/nanotune/csrc/nano_adam_cpu.cpp", "python/nanotune/kernels.py"], TORCH + (process.env.NANOTUNE_PYTHON ?? "")),
+  () => {
+    const r = spawnSync(pythonExecutable(), ["-m", "nanotune.kernels"], {
+      cwd: repoRoot,
+      stdio: "inherit",
+      env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
+    });
+    if (r.status !== 0) console.error("[setup] NanoAdam's CPU kernels did not build; the torch-op paths will run");
+  },
+);
