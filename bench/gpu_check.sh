@@ -8,7 +8,9 @@
 #      with the carried ninja wheel where the image has a C++ compiler; else they fail
 #      saying so, and the rest goes on);
 #   2. bench/gpu.py on the Llama 3.2 3B architecture: peak memory and step time of
-#      AdamW, NanoAdam (dense and sparse gradients) and AdamW-8bit, uncapped;
+#      AdamW, NanoAdam (dense and sparse gradients), AdamW-8bit and MicroAdam (where
+#      ista-daslab-optimizers and its CUDA kernels are installed; else its row says so),
+#      uncapped;
 #   3. the headline: the same with each process capped at 24 GiB of GPU memory
 #      (torch.cuda.set_per_process_memory_fraction);
 #   4. bench/gpu_wire.py: the 3B run through the wire (a Python DEALER client drives a
@@ -35,7 +37,7 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NANOTUNE_CACHE=
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'; } 2>&1 | tee "$OUT/device.txt"
 echo "== 1. CUDA tests, and the CPU kernels"; timeout 100 python3 -m pytest -q -p no:cacheprovider tests/python/test_optim.py tests/python/test_optim_cuda.py tests/python/test_bias_correction.py 2>&1 | tail -8 | tee "$OUT/tests.txt"
 PATH=/tmp/site/bin:$PATH timeout 120 python3 -m pytest -q -p no:cacheprovider tests/python/test_optim_kernels.py 2>&1 | tail -4 | tee "$OUT/kernels.txt"
-echo "== 2. 3B uncapped"; timeout 200 python3 bench/gpu.py --steps 10 --warmup 2 --variants adamw,nanoadam,nanoadam-sparse,adamw8bit --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
+echo "== 2. 3B uncapped"; timeout 200 python3 bench/gpu.py --steps 10 --warmup 2 --variants adamw,nanoadam,nanoadam-sparse,adamw8bit,microadam --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
 echo "== 3. 3B capped at 24 GiB"; timeout 100 python3 bench/gpu.py --steps 5 --warmup 2 --variants adamw,nanoadam-sparse,nanoadam --memory-cap-gib 24 --json "$OUT/gpu24.json" 2>&1 | tee "$OUT/gpu24.md"
 echo "== 4. 3B through the wire, capped at 24 GiB"; timeout 170 python3 bench/gpu_wire.py --steps 10 --memory-cap-gib 24 --json "$OUT/wire.json" 2>&1 | grep -v "shards\|Loading weights" | tee "$OUT/wire.md"
 echo "== 5. 3B in a sidecar group on CUDA (1 rank, nccl)"; { timeout 120 python3 bench/gpu_wire.py --steps 5 --nproc 1 --parallel ddp --variants nanoadam-sparse --json "$OUT/group-ddp.json"; timeout 120 python3 bench/gpu_wire.py --steps 5 --nproc 1 --parallel fsdp --variants nanoadam --json "$OUT/group-fsdp.json"; } 2>&1 | grep -v "shards\|Loading weights" | tee "$OUT/group.md"

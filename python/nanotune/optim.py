@@ -507,42 +507,41 @@ def _kernels_reason(t: Tensor) -> str:
 
 def _fused_nano_adam(params, grads, exp_avgs, exp_avg_sqs, idxs, steps, *, lr, beta1, beta2, eps,
                      weight_decay, bias_correction) -> list[tuple]:
-    # Note [CPU kernels]: one compiled pass per tensor does the gather, the moments and
-    # the scatter; returns the (param, grad, m, v, idx, step) tuples it cannot take.
+    # Note [CPU kernels]: one compiled call for every tensor the kernels take (they write
+    # through data pointers, outside autograd); returns the (param, grad, m, v, idx, step)
+    # tuples they do not take, for the reference path.
+    from . import kernels
+
+    kernel = kernels.cpu()
     rest: list[tuple] = []
     args: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "idx", "layout", "ss", "bc2", "age", "since")}
-    kernel = _cpu_kernels(True, [])
     for p, g, m, v, idx, step in zip(params, grads, exp_avgs, exp_avg_sqs, idxs, steps):
-        p_, g_ = p, g  # the kernel writes through data pointers: no autograd to step around
-        stored = idx[0] if isinstance(idx, tuple) else idx
-        if (kernel is None or p_.device.type != "cpu" or g_.dtype != p_.dtype or p_.dtype not in _KERNEL_DTYPES
-                or m.dtype not in _KERNEL_DTYPES or not (p_.is_contiguous() and g_.is_contiguous()
-                                                         and m.is_contiguous() and v.is_contiguous())):
+        if (kernel is None or p.device.type != "cpu" or g.dtype != p.dtype or p.dtype not in _KERNEL_DTYPES
+                or m.dtype not in _KERNEL_DTYPES
+                or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous())):
             rest.append((p, g, m, v, idx, step))
             continue
-        layout = [0, 0, 0]
-        if isinstance(idx, tuple) and stored.dtype == torch.int16:
-            _, density, chunk_size = idx
-            runs = _chunk_count(p_.numel(), density, chunk_size)
-            if runs and runs[0][1] >= chunk_size:  # full chunks come first
-                layout = [runs[0][2], runs[0][1] // chunk_size, chunk_size]
+        stored, layout = idx, (0, 0, 0)  # layout: (k per full chunk, full chunks, chunk size)
+        if isinstance(idx, tuple):
+            stored, density, chunk_size = idx
+            if stored.dtype != torch.int16:
+                stored = stored.to(torch.int32)
             else:
-                layout = [1, 0, chunk_size]
-        elif isinstance(idx, tuple):
-            stored = stored.to(torch.int32)
-        ages, since = None, 0
+                first = _chunk_count(p.numel(), density, chunk_size)[0]
+                full = first[1] >= chunk_size  # full chunks come first; else the tail is all
+                layout = (first[2], first[1] // chunk_size, chunk_size) if full else (1, 0, chunk_size)
+        ages, since, ss, bc2 = None, 0, 0.0, 1.0
         if isinstance(step, tuple) and bias_correction:
             ages, since = step
-            ss, bc2 = 0.0, 1.0
         elif torch.is_tensor(step) and step.dim() == 1 and bias_correction:
-            ages, ss, bc2 = step.to(torch.int32).contiguous(), 0.0, 1.0
+            ages = step.to(torch.int32).contiguous()
         else:
             ss, bc2 = _step_scalars(0 if isinstance(step, tuple) else step, lr, beta1, beta2, bias_correction)
-        for k, x in zip(args, (p_, g_, m, v, stored, layout, ss, bc2, ages, since)):
-            if k == "layout":
-                args[k] += x
+        for key, x in zip(args, (p, g, m, v, stored, layout, ss, bc2, ages, since)):
+            if key == "layout":
+                args[key] += x
             else:
-                args[k].append(x)
+                args[key].append(x)
     if args["p"]:
         table = _factor_table(lr, beta1, beta2, torch.device("cpu")) if bias_correction else (None, None)
         cap = table[0].numel() - 1 if bias_correction else 0
