@@ -280,7 +280,8 @@ struct Scratch {
   std::vector<int32_t> cand, sel;
   std::vector<uint32_t> hist;
   std::vector<char> carried;  // one chunk's old values, when they are replaced in place
-  std::vector<int32_t> old_off;  // one chunk's old offsets
+  std::vector<uint64_t> bits;  // one chunk's old offsets, as a bitmap
+  std::vector<int32_t> below;  // and the set bits before each of its words
   // The window the previous chunk suggests for the next one of the same (width, k):
   // chunks of one tensor are alike, so it usually holds the k-th key and no sample is drawn.
   int64_t window_w = -1, window_k = -1;
@@ -462,17 +463,13 @@ void carry_state(const char* const* from, char* const* to, const int32_t* __rest
   E* __restrict m1 = reinterpret_cast<E*>(to[0]);
   E* __restrict v1 = reinterpret_cast<E*>(to[1]);
   int16_t* __restrict age1 = reinterpret_cast<int16_t*>(to[2]);
-  for (int64_t i = 0; i < k; ++i) {
+  for (int64_t i = 0; i < k; ++i) {  // branch-free: a new entry reads entry 0, then masks it to 0
     const int32_t a = pos[i];
-    if (a >= 0) {
-      m1[i] = m0[a];
-      v1[i] = v0[a];
-      age1[i] = int16_t(std::min(int64_t(age0[a]) + add, cap));
-    } else {
-      m1[i] = E(0);
-      v1[i] = E(0);
-      age1[i] = 0;
-    }
+    const int32_t keep = ~(a >> 31);  // all ones where the entry stays, 0 where it is new
+    const int32_t at = a & keep;
+    m1[i] = E(m0[at] & E(keep));
+    v1[i] = E(v0[at] & E(keep));
+    age1[i] = int16_t(std::min(int32_t(age0[at]) + int32_t(add), int32_t(cap)) & keep);
   }
 }
 
@@ -512,31 +509,44 @@ inline void keys_of(const T* x, int64_t w, uint32_t flip, uint32_t* keys) {
 // The carry of one chunk: its new entries' values from the old mask's.
 void carry(const Job& job, const Row& row, const int32_t* __restrict sel, Scratch& s, int64_t age_at,
            int64_t age_cap) {
-  // The old offsets as plain int32, with a sentinel past the end.
-  s.old_off.resize(row.old_k + 1);
-  int32_t* __restrict old_off = s.old_off.data();
+  // Each new entry's old position (-1: new), by rank in a bitmap of the old offsets:
+  // an entry stays if its bit is set, and its old position is the number of bits below
+  // it. Unlike a merge, every lookup is independent of the one before.
+  const int64_t words = (row.width + 63) / 64;
+  s.bits.assign(words, 0);
+  s.below.resize(words + 1);
+  uint64_t* __restrict bits = s.bits.data();
   if (job.old16) {
     const int16_t* __restrict o = job.old16 + row.old_at;
-    for (int64_t a = 0; a < row.old_k; ++a) old_off[a] = o[a];
+    for (int64_t a = 0; a < row.old_k; ++a) bits[o[a] >> 6] |= uint64_t(1) << (o[a] & 63);
   } else {
     const int32_t* __restrict o = job.old32 + row.old_at;
-    const int32_t start = int32_t(row.start);
-    for (int64_t a = 0; a < row.old_k; ++a) old_off[a] = o[a] - start;
+    const int64_t start = row.start;
+    for (int64_t a = 0; a < row.old_k; ++a) {
+      const int64_t off = o[a] - start;
+      TORCH_CHECK(off >= 0 && off < row.width, "refresh: the old mask has an entry outside its chunk");
+      bits[off >> 6] |= uint64_t(1) << (off & 63);
+    }
   }
-  old_off[row.old_k] = INT32_MAX;
-  // Both masks ascend: one branch-free merge pairs each new entry with its old
-  // position (-1: new). A step writes pos[i] for the smaller head and advances it;
-  // equal heads pair up. The sentinel ends the old list.
+  int32_t* __restrict below = s.below.data();  // set bits in the words before each word
+  below[0] = 0;
+  for (int64_t wd = 0; wd < words; ++wd) below[wd + 1] = below[wd] + __builtin_popcountll(bits[wd]);
   int32_t* __restrict pos = s.cand.data();  // the candidates are done with
-  int64_t i = 0, a = 0, paired_in_place = 0;
-  while (i < row.k) {
-    const int32_t want = sel[i], have = old_off[a];
-    pos[i] = have == want ? int32_t(a) : -1;
-    paired_in_place += (have == want) & (a == i);
-    i += want <= have;
-    a += have <= want;
+  int64_t paired_in_place = 0;
+  for (int64_t i = 0; i < row.k; ++i) {
+    const int32_t want = sel[i];
+    const uint64_t word = bits[want >> 6];
+    const int32_t bit = want & 63;
+    const int32_t rank = below[want >> 6] + __builtin_popcountll(word & ((uint64_t(1) << bit) - 1));
+    const int32_t stays = int32_t((word >> bit) & 1);
+    pos[i] = rank | (stays - 1);  // -1 where new; branch-free, as entries come and go at random
+    paired_in_place += stays & (rank == i);
   }
   const bool same = row.k == row.old_k && paired_in_place == row.k;  // this chunk's mask did not change
+  if (row.old_k == 0) {  // nothing to carry: every entry is new
+    for (size_t t = 0; t < job.from.size(); ++t) std::memset(job.to[t] + row.out_at * job.sizes[t], 0, row.k * job.sizes[t]);
+    return;
+  }
   // The usual state, moments of one size and int16 ages: one loop moves all three.
   const size_t n_values = job.from.size();
   if (!same && n_values == 3 && age_at == 2 && job.sizes[0] == job.sizes[1] && job.sizes[2] == 2) {
