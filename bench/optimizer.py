@@ -154,7 +154,7 @@ def main() -> None:
     refresh = {}
     for key, opt in nano.items():
         runs = []
-        for _ in range(3):
+        for _ in range(5):
             for _ in range(5):
                 opt.step()
             runs.append(timed(opt.refresh_mask))

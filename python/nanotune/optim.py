@@ -702,9 +702,9 @@ class NanoAdam(Optimizer):
     nanotune.kernels; ``fused``): one parallel pass per block of mask entries for
     the step (gather, moments, scatter); per chunk, bottom-k by selection (a
     sample or the previous chunk's window bounds the k-th key, one pass collects
-    the few keys between the bounds, a histogram of them finds it) and one
-    branch-free merge to carry moments and ages, in place when the density is
-    unchanged; every due tensor of a group in one call. They compute the torch-op
+    the few keys between the bounds, a histogram of them finds it), and the
+    moments and ages carried by rank in a bitmap of the old mask, in place when
+    the density is unchanged; every due tensor of a group in one call. They compute the torch-op
     path's fp32 operations in its order (fusing the multiply-adds torch's own
     kernels fuse, taking the square root from torch), so every result is bit for
     bit the reference's (tests/python/test_optim_kernels.py). Tensors they do not
