@@ -102,6 +102,8 @@ def _load() -> ModuleType:
         tmp.write_bytes(text)
         os.replace(tmp, source)
     _ensure_ninja()
+    if not (build / f"{name}.so").exists():  # a pause the user should understand
+        print(f"nanotune: building NanoAdam's CPU kernels into {build} (once; about 20 s)", file=sys.stderr, flush=True)
     return load(name=name, sources=[str(source)], extra_cflags=flags, build_directory=str(build),
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
 
