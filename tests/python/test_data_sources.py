@@ -57,19 +57,23 @@ def train_steps(session, steps=2, **step):
     return [session.train_step(lr=1e-3, micro_batch=4, **step) for _ in range(steps)]
 
 
+def write_source(tmp_path, kind, rows):
+    """``rows`` as a parquet file, a CSV file or a save_to_disk folder under tmp_path."""
+    if kind == "parquet":
+        return write_parquet(tmp_path / "qa.parquet", rows)
+    if kind == "csv":
+        return write_csv(tmp_path / "qa.csv", rows)
+    import datasets
+
+    path = tmp_path / "qa-disk"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
 # --------------------------------------------------------------------------- sources
 
 @pytest.mark.parametrize("kind", ["parquet", "csv", "save_to_disk"])
 def test_trains_from_parquet_csv_and_save_to_disk(tiny_dir, tmp_path, kind):
-    if kind == "parquet":
-        path = write_parquet(tmp_path / "qa.parquet", QA)
-    elif kind == "csv":
-        path = write_csv(tmp_path / "qa.csv", QA)
-    else:
-        import datasets
-
-        path = tmp_path / "qa-disk"
-        datasets.Dataset.from_list(QA).save_to_disk(str(path))
+    path = write_source(tmp_path, kind, QA)
     s = Session(device="cpu")
     s.load_model(path="tiny-llama")
     r = s.load_dataset(path=str(path), fields=FIELDS, eval_fraction=0.25, seed=1)
@@ -411,15 +415,7 @@ def test_large_tabular_sources_stream_and_resume(tiny_tokenizer, tmp_path, monke
     import nanotune.data as data_module
 
     rows = [dict(r, question=f"{r['question']} (#{i})") for i, r in enumerate(QA * 3)]
-    if kind == "parquet":
-        path = write_parquet(tmp_path / "qa.parquet", rows)
-    elif kind == "csv":
-        path = write_csv(tmp_path / "qa.csv", rows)
-    else:
-        import datasets
-
-        path = tmp_path / "qa-disk"
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    path = write_source(tmp_path, kind, rows)
     memory = load_dataset(path, tiny_tokenizer, fields=FIELDS, shuffle=False)
     monkeypatch.setattr(data_module, "STREAM_BYTES", 100)
     data = load_dataset(path, tiny_tokenizer, fields=FIELDS, shuffle_buffer=10, seed=1)
