@@ -906,7 +906,6 @@ class NanoAdam(Optimizer):
         fused = group["fused"]
         new_idx = select_mask(_local(p), density, criterion, grad=_local(grad), generator=gen,
                               chunk_size=group["chunk_size"], fused=fused)
-        mdtype = group["moments_dtype"] or torch.float32
         carry = group["moments_on_refresh"] == "carry"
         ages = carry and group["bias_correction"]  # Note [bias correction]
         if "idx" in state and carry:
@@ -921,18 +920,28 @@ class NanoAdam(Optimizer):
                     old_age = old_age.to(torch.int32) + (t - state["refreshed_at"])
                 carried.append(old_age.clamp_(max=cap))
             carried = _remap(old_idx, new_idx, carried)
-            state["exp_avg"], state["exp_avg_sq"] = carried[:2]
-            age = carried[2] if ages else None
         else:
-            state["exp_avg"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(new_idx.numel(), dtype=mdtype, device=p.device)
-            age = torch.zeros(new_idx.numel(), dtype=torch.int32, device=p.device)
+            carried = None
+        self._store_refresh(group, state, _compact(new_idx, group["chunk_size"], group["index_dtype"]),
+                            new_idx.numel(), carried, density, t, p.device)
+
+    @staticmethod
+    def _store_refresh(group, state, idx: Tensor, k: int, carried: list[Tensor] | None, density: float, t: int,
+                       device: torch.device) -> None:
+        """A refresh's result into ``state``: the stored mask ``idx`` of ``k`` entries, the
+        carried moments (and ages, Note [bias correction]) or zeros when ``carried`` is None,
+        and the density and step it was chosen at."""
+        ages = group["moments_on_refresh"] == "carry" and group["bias_correction"]
+        if carried is None:
+            mdtype = group["moments_dtype"] or torch.float32
+            carried = [torch.zeros(k, dtype=mdtype, device=device), torch.zeros(k, dtype=mdtype, device=device),
+                       torch.zeros(k, dtype=torch.int32, device=device)]
+        state["exp_avg"], state["exp_avg_sq"] = carried[0], carried[1]
         if ages:
-            small = _age_cap(*group["betas"]) < 2**15
-            state["age"] = age.to(torch.int16 if small else torch.int32)
+            state["age"] = carried[2].to(torch.int16 if _age_cap(*group["betas"]) < 2**15 else torch.int32)
         else:
             state.pop("age", None)
-        state["idx"] = _compact(new_idx, group["chunk_size"], group["index_dtype"])
+        state["idx"] = idx
         state["density"] = density
         state["refreshed_at"] = t
         state["refresh_requested"] = False
@@ -965,23 +974,8 @@ class NanoAdam(Optimizer):
         outs = kernel.refresh(args["source"], args["runs"], group["criterion"] != "small_weights", args["old"],
                               args["old_runs"], args["values"], 2 if ages else -1, args["age_add"], cap,
                               group["index_dtype"] == torch.int16)
-        mdtype = group["moments_dtype"] or torch.float32
-        for (state, _, density, t), (idx, *carried) in zip(batch, outs):
-            k = idx.numel()
-            if carried:
-                state["exp_avg"], state["exp_avg_sq"] = carried[0], carried[1]
-            else:
-                state["exp_avg"] = torch.zeros(k, dtype=mdtype)
-                state["exp_avg_sq"] = torch.zeros(k, dtype=mdtype)
-            if ages:
-                age = carried[2] if carried else torch.zeros(k, dtype=torch.int32)
-                state["age"] = age.to(torch.int16 if cap < 2**15 else torch.int32)
-            else:
-                state.pop("age", None)
-            state["idx"] = idx
-            state["density"] = density
-            state["refreshed_at"] = t
-            state["refresh_requested"] = False
+        for (state, source, density, t), (idx, *carried) in zip(batch, outs):
+            self._store_refresh(group, state, idx, idx.numel(), carried or None, density, t, source.device)
 
     def _init_state(self, group, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
