@@ -1,6 +1,7 @@
-// `nanotune demo` (and `npm start`): a tiny Llama learns one task with AdamW, then
-// NanoAdam finetunes it on a second task, with a live mask-policy swap halfway,
-// and a summary table at the end. Runs in well under 3 minutes on a CPU.
+// `nanotune demo --tiny`: a tiny random Llama learns one task with AdamW, then NanoAdam
+// finetunes it on a second task, with a live mask-policy swap halfway, and a summary
+// table at the end. Seconds on a CPU; the fast tests use it. `nanotune demo` (and
+// `npm start`) is the real-weights demo, ts/demo-real.ts.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import chalk from "chalk";
@@ -46,8 +47,8 @@ interface Row {
   stateBytes: number;
 }
 
-export async function runDemo(opts: { runDir?: string; steps?: number; progress?: boolean } = {}): Promise<Row[]> {
-  const runDir = resolve(opts.runDir ?? "runs/demo");
+export async function runTinyDemo(opts: { runDir?: string; steps?: number; progress?: boolean } = {}): Promise<Row[]> {
+  const runDir = resolve(opts.runDir ?? "runs/demo-tiny");
   const steps = opts.steps ?? 300;
   mkdirSync(runDir, { recursive: true });
   const tasks = demoTasks();
@@ -142,7 +143,7 @@ export async function runDemo(opts: { runDir?: string; steps?: number; progress?
   return rows;
 }
 
-function report(ev: TrainerEvent, say: (s: string) => void): void {
+export function report(ev: TrainerEvent, say: (s: string) => void): void {
   if (ev.type === "run:start") {
     say(`  model ${ev.model.path} (${ev.model.parameters.toLocaleString()} params, ${ev.model.dtype} on ${ev.model.device}); ` +
       `data ${ev.data.trainExamples} train / ${ev.data.evalExamples} eval examples; optimizer ${ev.optimizer.name}`);

@@ -161,10 +161,10 @@ try {
     expect(readFileSync(join(project, "run", "metrics.jsonl"), "utf8")).toContain('"type":"train:step"');
   }, 120_000);
 
-  it("`npx nanotune demo` runs", async () => {
+  it("`npx nanotune demo --tiny` runs", async () => {
     // fewer steps than the default 300 a stage: the same code path, and the file
     // stays well inside its time budget when other tests load the two CPUs
-    const r = await nanotune("demo", "--steps", "40");
+    const r = await nanotune("demo", "--tiny", "--steps", "40");
     expect(r.code, r.all).toBe(0);
     expect(r.stdout).toMatch(/NanoAdam/);
   }, 180_000);

