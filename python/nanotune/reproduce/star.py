@@ -27,13 +27,26 @@ FRACTION = 0.10  # bottom-10% weights vs top-10% gradients
 POINTS = 4000  # scatter points per panel
 
 
+def membership(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Per entry of the flat `x`, the chance it is among the k largest (or smallest) when
+    ties at the k-th value are broken uniformly at random: 1 strictly inside, (k - inside)
+    / (size of the tie group) in the k-th value's tie group, else 0 (float32)."""
+    n = x.numel()
+    kth = x.kthvalue(n - k + 1 if largest else k).values
+    inside = x > kth if largest else x < kth
+    tie = x == kth
+    p = inside.to(torch.float32)
+    p[tie] = (k - int(inside.sum())) / int(tie.sum())
+    return p
+
+
 def overlap(w: torch.Tensor, g: torch.Tensor, fraction: float = FRACTION) -> float:
-    """|bottom-k |w| ∩ top-k |g|| / k with k = round(fraction * numel)."""
-    w, g = w.detach().reshape(-1).abs(), g.detach().reshape(-1).abs()
+    """|bottom-k |w| ∩ top-k |g|| / k with k = round(fraction * numel); with ties at either
+    threshold (quantized weights have many: real_ties.md), the expectation over uniformly
+    random tie breaks, so no position order enters (without ties: the plain count)."""
+    w, g = w.detach().reshape(-1).abs().float(), g.detach().reshape(-1).abs().float()
     k = max(1, round(fraction * w.numel()))
-    small = torch.zeros(w.numel(), dtype=torch.bool)
-    small[w.topk(k, largest=False).indices] = True
-    return float(small[g.topk(k).indices].sum()) / k
+    return float((membership(w, k, largest=False) * membership(g, k, largest=True)).double().sum()) / k
 
 
 def tracked(model) -> list[str]:
@@ -46,6 +59,32 @@ def plotted(num_layers: int) -> list[str]:
     """Three matrices from the first, a middle and the last block."""
     return ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{num_layers // 2}.mlp.up_proj.weight",
             f"model.layers.{num_layers - 1}.self_attn.o_proj.weight"]
+
+
+def measure(params: dict, names: list[str], shown: list[str], step: int, out: dict) -> None:
+    """Into `out` ({"overlap": {}, "points": {}}) at `step`: the overlap of every tensor in `names`
+    from its .grad, and a signed scatter sample of the `shown` ones."""
+    out["overlap"][step] = {n: overlap(params[n], params[n].grad) for n in names}
+    gen = torch.Generator().manual_seed(step)
+    out["points"][step] = {}
+    for n in shown:
+        w, g = params[n].detach().reshape(-1), params[n].grad.reshape(-1)  # signed: the star needs them
+        pick = torch.randperm(w.numel(), generator=gen)[:POINTS]
+        top = g.abs() >= g.abs().topk(max(1, round(FRACTION * g.numel()))).values[-1]
+        out["points"][step][n] = {"w": w[pick].tolist(), "g": g[pick].tolist(), "top": top[pick].tolist()}
+
+
+def summarize(overlaps: dict, steps: tuple[int, ...]) -> tuple[dict, int]:
+    """{kind: {str(step): {mean_blocks, above_chance, <tensor>: overlap}}} from capture's overlaps
+    per kind, and the number of block matrices."""
+    names = list(next(iter(overlaps.values()))[steps[0]])
+    blocks = [n for n in names if n.startswith("model.layers.")]
+    summary = {}
+    for kind, ov in overlaps.items():
+        summary[kind] = {str(s): {"mean_blocks": sum(ov[s][n] for n in blocks) / len(blocks),
+                                  "above_chance": sum(ov[s][n] > FRACTION for n in blocks),
+                                  **{n: ov[s][n] for n in names}} for s in steps}
+    return summary, len(blocks)
 
 
 def capture(lab: Lab, pretrained: bool, lr: float, steps: tuple[int, ...]) -> dict:
@@ -63,14 +102,7 @@ def capture(lab: Lab, pretrained: bool, lr: float, steps: tuple[int, ...]) -> di
             return
         model.zero_grad(set_to_none=True)
         model(**batch, use_cache=False).loss.backward()  # the mean token loss of this step's batch
-        out["overlap"][step] = {n: overlap(params[n], params[n].grad) for n in names}
-        gen = torch.Generator().manual_seed(step)
-        out["points"][step] = {}
-        for n in shown:
-            w, g = params[n].detach().reshape(-1), params[n].grad.reshape(-1)  # signed: the star needs them
-            pick = torch.randperm(w.numel(), generator=gen)[:POINTS]
-            top = g.abs() >= g.abs().topk(max(1, round(FRACTION * g.numel()))).values[-1]
-            out["points"][step][n] = {"w": w[pick].tolist(), "g": g[pick].tolist(), "top": top[pick].tolist()}
+        measure(params, names, shown, step, out)
         model.zero_grad(set_to_none=True)
 
     lab.train_on_b(model, opt, lr, max(steps) + 1, before_step=before_step)
@@ -85,15 +117,8 @@ def run(lab: Lab, steps: tuple[int, ...] | None = None, lr: float = 3e-4) -> dic
     steps = tuple(sorted(set(steps)))
     lab.log(f"star: AdamW lr {lr:g}, gradients at steps {steps}")
     res = {"finetune": capture(lab, True, lr, steps), "scratch": capture(lab, False, lr, steps)}
-    names = list(res["finetune"]["overlap"][steps[0]])
-    blocks = [n for n in names if n.startswith("model.layers.")]
-    summary = {}
-    for kind in ("finetune", "scratch"):
-        ov = res[kind]["overlap"]
-        summary[kind] = {str(s): {"mean_blocks": sum(ov[s][n] for n in blocks) / len(blocks),
-                                  "above_chance": sum(ov[s][n] > FRACTION for n in blocks),
-                                  **{n: ov[s][n] for n in names}} for s in steps}
-    return {"experiment": "star", "lr": lr, "steps": list(steps), "fraction": FRACTION, "blocks": len(blocks),
+    summary, blocks = summarize({k: res[k]["overlap"] for k in res}, steps)
+    return {"experiment": "star", "lr": lr, "steps": list(steps), "fraction": FRACTION, "blocks": blocks,
             "plotted": plotted(lab.cfg.num_layers), "overlap": summary,
             "points": {k: {str(s): v for s, v in res[k]["points"].items()} for k in res},
             "lab": lab.info, "config": lab.config()}
@@ -103,21 +128,12 @@ def _short(name: str) -> str:
     return name.removeprefix("model.").removesuffix(".weight").replace("self_attn.", "").replace("mlp.", "")
 
 
-def markdown(result: dict) -> str:
+def table(result: dict) -> list[str]:
+    """The overlap table: per step of each kind, the block mean, the plotted matrices, the embedding."""
     steps = result["steps"]
     ov = result["overlap"]
     head = " | ".join([f"finetune step {s}" for s in steps] + [f"scratch step {s}" for s in steps])
-    lines = [
-        "# 1. |weight| vs |gradient|: finetuning vs from scratch",
-        "",
-        f"Overlap of the bottom-{result['fraction']:.0%} |w| entries with the top-{result['fraction']:.0%} |grad| "
-        f"entries of each weight matrix (chance = {result['fraction']:.0%}). Gradient of one batch of corpus B "
-        f"(SpamAssassin bodies), taken before the update at each step, while training with AdamW at lr "
-        f"{result['lr']:g} from the model pretrained on corpus A (Moby-Dick) and from its random init.",
-        "",
-        f"| tensor | {head} |",
-        "|---|" + "---|" * (2 * len(steps)),
-    ]
+    lines = [f"| tensor | {head} |", "|---|" + "---|" * (2 * len(steps))]
     rows = [("mean of the %d block matrices" % result["blocks"], "mean_blocks")]
     rows += [(f"`{_short(n)}`", n) for n in result["plotted"]] + [("`embed_tokens` (tied head)",
                                                                    "model.embed_tokens.weight")]
@@ -126,8 +142,23 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cells = [f"{ov[k][str(s)]['above_chance']}/{result['blocks']}" for k in ("finetune", "scratch") for s in steps]
     lines.append("| block matrices above chance | " + " | ".join(cells) + " |")
-    lines += ["", "Paper (the paper, Observation): a star shape, large gradients on small weights, stronger in "
-              "finetuning than from scratch (no overlap figure given)."]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# 1. |weight| vs |gradient|: finetuning vs from scratch",
+        "",
+        f"Overlap of the bottom-{result['fraction']:.0%} |w| entries with the top-{result['fraction']:.0%} |grad| "
+        f"entries of each weight matrix (chance = {result['fraction']:.0%}). Gradient of one batch of corpus B "
+        f"(SpamAssassin bodies), taken before the update at each step, while training with AdamW at lr "
+        f"{result['lr']:g} from the model pretrained on corpus A (Moby-Dick) and from its random init.",
+        "",
+        *table(result),
+        "",
+        "Paper (the paper, Observation): a star shape, large gradients on small weights, stronger in "
+        "finetuning than from scratch (no overlap figure given).",
+    ]
     return "\n".join(lines) + "\n"
 
 
