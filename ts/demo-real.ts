@@ -8,7 +8,7 @@
 import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import chalk from "chalk";
-import { report } from "./demo.ts";
+import { printTable, report } from "./demo.ts";
 import { Sidecar } from "./sidecar.ts";
 import { sinks } from "./sinks/index.ts";
 import { policies } from "./train/policies.ts";
@@ -268,10 +268,5 @@ function printRealTable(r: RealDemoResult, say: (s: string) => void): void {
       `${x.seconds.toFixed(0)} s`,
     ]),
   ];
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
-  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
-  say(chalk.bold("\nsummary"));
-  say(line(header));
-  say(`|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`);
-  for (const b of body) say(line(b));
+  printTable(header, body, say);
 }

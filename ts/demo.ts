@@ -139,7 +139,7 @@ export async function runTinyDemo(opts: { runDir?: string; steps?: number; progr
   } finally {
     await sidecar.close();
   }
-  printTable(rows, say);
+  printRows(rows, say);
   return rows;
 }
 
@@ -155,7 +155,7 @@ export function report(ev: TrainerEvent, say: (s: string) => void): void {
   if (ev.type === "eval") say(chalk.cyan(`  eval: loss ${ev.loss.toFixed(4)}, perplexity ${ev.perplexity.toFixed(2)}`));
 }
 
-function printTable(rows: Row[], say: (s: string) => void): void {
+function printRows(rows: Row[], say: (s: string) => void): void {
   const header = ["stage", "optimizer", "policy", "steps", "loss first 10", "loss last 10", "eval loss", "optimizer state"];
   const body = rows.map((r) => [
     r.stage,
@@ -167,6 +167,11 @@ function printTable(rows: Row[], say: (s: string) => void): void {
     r.evalLoss === null ? "-" : r.evalLoss.toFixed(3),
     `${(r.stateBytes / 1024).toFixed(1)} KiB`,
   ]);
+  printTable(header, body, say);
+}
+
+/** A markdown-style table under a "summary" heading, each column as wide as its widest cell. */
+export function printTable(header: string[], body: string[][], say: (s: string) => void): void {
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
   const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
   say(chalk.bold("\nsummary"));

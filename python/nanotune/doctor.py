@@ -98,6 +98,28 @@ def _kernels() -> dict | None:
     }
 
 
+def _gguf() -> dict | None:
+    """GGUF loading (the gguf and accelerate packages: nanotune[gguf]) and the GGUF presets:
+    {preset: {"file": the .gguf or None, "converted": its cached HF directory or None,
+    "requirement", "error"}}. Nothing is converted here."""
+    try:
+        from nanotune import models
+    except Exception:  # torch missing: reported elsewhere
+        return None
+    packages = {name: _module(name, name) for name in ("gguf", "accelerate")}
+    presets = {}
+    for name, spec in models.GGUF_PRESETS.items():
+        try:
+            file = models.gguf_preset_file(name)
+            presets[name] = {"file": str(file), "converted": None, "requirement": spec["requirement"], "error": None}
+            converted = models.gguf_converted(file)
+            presets[name]["converted"] = None if converted is None else str(converted)
+        except Exception as e:
+            presets[name] = {"file": None, "converted": None, "requirement": spec["requirement"],
+                             "error": f"{type(e).__name__}: {e}"}
+    return {"packages": packages, "presets": presets, "extra": models.GGUF_EXTRA}
+
+
 def _protocol_version() -> int | None:
     """The sidecar's PROTOCOL_VERSION, read without importing its dependencies if need be."""
     try:
@@ -141,6 +163,7 @@ def report() -> dict:
         "torch": _torch_info() if modules["torch"]["error"] is None else None,
         "transformers": modules["transformers"]["version"],
         "kernels": _kernels() if modules["torch"]["error"] is None else None,
+        "gguf": _gguf() if modules["torch"]["error"] is None else None,
         "modules": modules,
         "missing": missing,
     }

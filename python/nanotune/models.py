@@ -32,7 +32,7 @@ import torch
 from .errors import InvalidParams
 
 __all__ = ["GGUF_PRESETS", "LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "amp_dtype",
-           "load_model", "build_preset", "gguf_dir", "gguf_preset_file", "inspect_gguf", "preset_names", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
+           "load_model", "build_preset", "gguf_converted", "gguf_dir", "gguf_preset_file", "inspect_gguf", "preset_names", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
            "looks_like_hub_id", "model_info", "resolve_amp", "resolve_device", "resolve_dtype", "resolve_hub_model"]
 
 
@@ -461,23 +461,37 @@ def _transformers_version() -> str:
 def gguf_dir(file: str | os.PathLike) -> Path:
     """The HF directory (fp32 safetensors + tokenizer) a .gguf file converts to, converted
     on first use and cached under $NANOTUNE_CACHE/gguf/ (Note [gguf])."""
-    import hashlib
-    from importlib.metadata import version
-
     path = Path(file).expanduser()
     if not path.is_file():
         what = "is a directory; give the .gguf file in it, or the directory and ggufFile" if path.is_dir() \
             else "does not exist"
         raise ModelError(f"GGUF file {str(path)!r} {what}", path)
     gguf = _gguf_modules()
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{_transformers_version()}\0"
-                         f"{version('gguf')}".encode()).hexdigest()[:16]
-    final = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    final = _gguf_cache_path(path)
     if (final / "config.json").is_file():
         return final
     info = inspect_gguf(path)
     return _cached_dir(final, lambda tmp: _convert_gguf(path, tmp, info, gguf))
+
+
+def _gguf_cache_path(path: Path) -> Path:
+    """Where gguf_dir converts the file `path` to (Note [gguf]: the key)."""
+    import hashlib
+    from importlib.metadata import version
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{_transformers_version()}\0"
+                         f"{version('gguf')}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def gguf_converted(file: str | os.PathLike) -> Path | None:
+    """The cached conversion of a .gguf file when there is one (nothing is converted); else None."""
+    try:
+        final = _gguf_cache_path(Path(file).expanduser())
+    except Exception:  # no such file, gguf not installed
+        return None
+    return final if (final / "config.json").is_file() else None
 
 
 def _convert_gguf(path: Path, out: Path, info: dict[str, Any], gguf) -> None:

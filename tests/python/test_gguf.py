@@ -13,7 +13,7 @@ import torch
 
 from gguf_writer import write_gguf
 from nanotune import wire
-from nanotune.models import GGUF_PRESETS, ModelError, gguf_dir, load_model
+from nanotune.models import GGUF_PRESETS, ModelError, gguf_converted, gguf_dir, load_model
 from nanotune.session import Session
 
 ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
@@ -70,7 +70,7 @@ def test_a_checkpoint_of_a_gguf_model_is_a_normal_hf_directory(tiny_gguf, write_
     assert out.step == 1
 
 
-def test_a_directory_and_gguf_file_load_the_same_cached_conversion(tiny_gguf):
+def test_a_directory_and_gguf_file_load_the_same_cached_conversion(tiny_gguf, tmp_path):
     _, file = tiny_gguf
     first = load_model(str(file), device="cpu")
     weights = os.path.join(first.path, "model.safetensors")
@@ -82,6 +82,10 @@ def test_a_directory_and_gguf_file_load_the_same_cached_conversion(tiny_gguf):
     assert time.perf_counter() - t < 60  # generous: a conversion would not fail this, the mtime check does
     meta = json.loads((gguf_dir(file) / "nanotune_gguf.json").read_text())
     assert meta["architecture"] == "llama" and meta["types"] == {"F32": meta["tensors"]}
+    assert gguf_converted(file) == gguf_dir(file)  # what doctor reports
+    touched = tmp_path / "touched.gguf"
+    touched.write_bytes(file.read_bytes())
+    assert gguf_converted(touched) is None and gguf_converted(tmp_path / "absent.gguf") is None
     with pytest.raises(ModelError, match="gguf_file|ggufFile") as e:
         load_model(str(file), gguf_file="x.gguf", device="cpu")
     assert "not a directory" in str(e.value)

