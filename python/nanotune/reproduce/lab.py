@@ -1,8 +1,9 @@
 """Shared set-up of reproductions 1-3: corpora, tokenizer, the "pretrained"
 model, and finetuning runs with the project's own train_step / evaluate.
 
-No pretrained weights ship offline (reports/README.md's survey), so the
-pretrained model is ours: a small Llama (tied embeddings, GQA, SwiGLU, like
+When these were written no pretrained weights shipped offline (reports/README.md's
+survey), so the pretrained model here is ours (the real one, SmolLM2-135M, has its
+own mode: `--real`, smollm2.py): a small Llama (tied embeddings, GQA, SwiGLU, like
 the presets of nanotune.models) pretrained with AdamW on corpus A (Moby-Dick)
 for `pretrain_steps`, then finetuned on corpus B (SpamAssassin bodies). One
 Lab pretrains once; every experiment of the same process reuses it, and
