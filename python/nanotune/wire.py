@@ -285,7 +285,7 @@ class DebugStoreResult(Model, kw_only=True):
 
 class LoadModelParams(Model, kw_only=True):
     path: Annotated[str, Meta(min_length=1)]  # a preset name, a local HF model directory, a .gguf file, or a Hub model id ("org/name") resolved like from_pretrained: the HF cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN, HF_HUB_OFFLINE
-    gguf_file: Annotated[str, Meta(min_length=1)] | None = msgspec.field(default=None, name="ggufFile")  # a .gguf file inside the directory `path` (transformers' gguf_file); or give the .gguf file itself as path
+    gguf_file: Annotated[str, Meta(min_length=1)] | None = msgspec.field(default=None, name="ggufFile")  # a .gguf file inside the directory `path`, or in the Hub repository `path` (only that file is fetched, through the HF cache); or give a local .gguf file itself as path
     revision: Annotated[str, Meta(min_length=1)] | None = None  # a Hub id's branch, tag or commit (default main)
     dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None  # default: bf16 on CUDA, fp32 on CPU; short and long names alike
     amp: Literal["bfloat16", "float16", "bf16", "fp16"] | None = None  # mixed precision: forward and backward under torch.autocast to this dtype, the weights and optimizer staying in theirs (meant for fp32 weights); absent: none

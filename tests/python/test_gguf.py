@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gguf_writer import write_gguf
+from test_models_hub import COMMIT, make_hub_repo
 from nanotune import wire
 from nanotune.models import GGUF_PRESETS, ModelError, gguf_converted, gguf_dir, load_model
 from nanotune.session import Session
@@ -163,3 +164,31 @@ def _preset_file():
     from nanotune.models import gguf_preset_file
 
     return gguf_preset_file("smollm2-135m")
+
+
+def test_a_gguf_file_in_a_hub_repository_loads_through_the_hf_cache(tiny_gguf, tmp_path, monkeypatch):
+    """model {path: "org/name-GGUF", ggufFile}: only that file, from the HF cache (offline here: a
+    cache laid out by hand as huggingface_hub writes it), converted like a local one."""
+    _, file = tiny_gguf
+    repo_files = tmp_path / "repo"
+    repo_files.mkdir()
+    (repo_files / file.name).write_bytes(file.read_bytes())
+    (repo_files / "README.md").write_text("a GGUF repository: no config.json\n")
+    home = tmp_path / "hf-home"
+    make_hub_repo(home / "hub", "org/tiny-GGUF", repo_files)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = load_model("org/tiny-GGUF", gguf_file=file.name, device="cpu")
+    local = load_model(str(file), device="cpu")
+    assert lm.revision == COMMIT and lm.info["source"] == "org/tiny-GGUF"
+    for k, v in local.model.state_dict().items():
+        assert torch.equal(v, lm.model.state_dict()[k]), k
+    assert load_model("org/tiny-GGUF", gguf_file=file.name, revision="main", device="cpu").revision == COMMIT
+    with pytest.raises(ModelError, match=r"file 'other\.gguf'.*not in the Hugging Face cache.*hf download "
+                                         r"org/tiny-GGUF other\.gguf") as e:
+        load_model("org/tiny-GGUF", gguf_file="other.gguf", device="cpu")
+    assert e.value.data["path"] == "org/tiny-GGUF"
+    with pytest.raises(ModelError, match=r"'/no/such/dir', which does not exist"):
+        load_model("/no/such/dir", gguf_file=file.name, device="cpu")
