@@ -339,7 +339,9 @@ def _cached_dir(final: Path, build) -> Path:
 #   round; fp32 keeps it exact, and loading casts to the run's dtype (bf16 on CUDA).
 # - The cache key is the file's real path, size and mtime plus the transformers and gguf
 #   versions (the conversion depends on both), not a hash of its contents: a 3B GGUF is
-#   gigabytes, and a file rewritten in place changes its mtime.
+#   gigabytes, and a file rewritten in place changes its mtime. So each copy of a file (the
+#   preset's in each venv) has its own conversion; converting prunes those whose source
+#   file is gone.
 # - Before converting, the file is read with gguf's GGUFReader (memory-mapped, metadata
 #   only) and refused, naming what is wrong, when it is not a GGUF file, when its
 #   architecture is one transformers cannot load from GGUF or is not a causal LM, or when
@@ -478,7 +480,20 @@ def gguf_dir(file: str | os.PathLike) -> Path:
     if (final / "config.json").is_file():
         return final
     info = inspect_gguf(path)
+    _prune_gguf_cache(final.parent)
     return _cached_dir(final, lambda tmp: _convert_gguf(path, tmp, info))
+
+
+def _prune_gguf_cache(root: Path) -> None:
+    """Removes the conversions whose source file is gone (a deleted venv's or checkout's copy
+    of a preset's file, a removed download): each is as large as the fp32 model."""
+    for meta in root.glob("*/nanotune_gguf.json"):
+        try:
+            source = json.loads(meta.read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not os.path.exists(source):
+            shutil.rmtree(meta.parent, ignore_errors=True)
 
 
 def _gguf_cache_path(path: Path) -> Path:

@@ -87,6 +87,12 @@ def test_a_directory_and_gguf_file_load_the_same_cached_conversion(tiny_gguf, tm
     touched = tmp_path / "touched.gguf"
     touched.write_bytes(file.read_bytes())
     assert gguf_converted(touched) is None and gguf_converted(tmp_path / "absent.gguf") is None
+    copy = gguf_dir(touched)  # a copy converts on its own (the key is the path)...
+    touched.unlink()
+    again = tmp_path / "again.gguf"
+    again.write_bytes(file.read_bytes())
+    gguf_dir(again)  # ...and the next conversion removes it, its source being gone
+    assert not copy.exists() and str(gguf_converted(file)) == first.path
     with pytest.raises(ModelError, match="gguf_file|ggufFile") as e:
         load_model(str(file), gguf_file="x.gguf", device="cpu")
     assert "not a directory" in str(e.value)
