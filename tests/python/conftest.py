@@ -16,12 +16,30 @@ def nanotune_cache(tmp_path_factory) -> Path:
     builds presets into this session's temp dir, never into ~/.cache."""
     path = tmp_path_factory.mktemp("nanotune-cache")
     old = os.environ.get("NANOTUNE_CACHE")
+    _link_converted_gguf_presets(path)
     os.environ["NANOTUNE_CACHE"] = str(path)
     yield path
     if old is None:
         os.environ.pop("NANOTUNE_CACHE", None)
     else:
         os.environ["NANOTUNE_CACHE"] = old
+
+
+def _link_converted_gguf_presets(cache: Path) -> None:
+    """The GGUF presets setup converted into the default cache (SmolLM2-135M: about 17 s), linked
+    into the session's cache: read-only directories, the same key. A preset not converted there
+    converts in the session's cache as usual. (The conversion itself is tested on small GGUF
+    files in test_gguf.py, and setup runs it on the real one.)"""
+    from nanotune.models import GGUF_PRESETS, ModelError, gguf_converted, gguf_preset_file
+
+    for name in GGUF_PRESETS:
+        try:
+            done = gguf_converted(gguf_preset_file(name))  # under the default cache: not switched yet
+        except ModelError:  # not installed: its tests say so
+            continue
+        if done is not None:
+            (cache / "gguf").mkdir(exist_ok=True)
+            (cache / "gguf" / done.name).symlink_to(done, target_is_directory=True)
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,7 @@ class RealConfig:
     @classmethod
     def quick(cls) -> "RealConfig":
         """Two blocks of the real model and a few steps (tests: seconds). Its numbers mean nothing."""
-        return cls(layers=2, steps=3, eval_every=2, adamw_lrs=(1e-5, 1e-4), nanoadam_lrs=(1e-5, 1e-3), moby_blocks=4,
+        return cls(layers=2, batch_size=2, steps=3, eval_every=2, adamw_lrs=(1e-5, 1e-4), nanoadam_lrs=(1e-5, 1e-3), moby_blocks=4,
                    curve_moby_blocks=2, knowledge_questions=6, filter_knowledge=False, max_new_tokens=6,
                    mask_interval=2, diverge_loss=100.0)
 
